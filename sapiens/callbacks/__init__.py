@@ -1,0 +1,1 @@
+"""Lightning callbacks: throughput, data-skip counting, pictures, atomic checkpoint IO."""

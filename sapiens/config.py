@@ -1,0 +1,153 @@
+"""Config validation: one clear line per mistake, before anything is built.
+
+Hydra already rejects overrides of keys that do not exist (struct mode). This module checks what Hydra
+cannot: values of the wrong type, trainer keys Lightning does not know, task keys the LightningModule
+does not take, image sizes that do not fit the patch size, and missing required values.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+import types
+import typing
+from typing import Any
+
+import lightning as L
+from hydra.utils import get_class
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
+
+READERS = ("pretrain", "pose", "seg", "depth", "normal")
+# Keys of the task config that are not arguments of the LightningModule.
+TASK_ONLY_KEYS = ("name", "reader", "train_transform", "val_transform", "callbacks", "monitor",
+                  "monitor_mode")
+
+
+class ConfigError(ValueError):
+    """A config value is missing, of the wrong type, or unknown."""
+
+
+def _fail(key: str, message: str) -> None:
+    raise ConfigError(f"config key '{key}': {message}")
+
+
+def _suggest(name: str, options) -> str:
+    close = difflib.get_close_matches(name, list(options), n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _matches(value: Any, annotation: Any) -> bool:
+    """Loose runtime check of ``value`` against a simple annotation (others pass)."""
+    if annotation is inspect.Parameter.empty or annotation is Any:
+        return True
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, a) for a in typing.get_args(annotation))
+    if annotation is type(None):
+        return value is None
+    if annotation is bool:
+        return isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if annotation is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if annotation is str:
+        return isinstance(value, str)
+    if origin in (tuple, list) or annotation in (tuple, list):
+        return isinstance(value, list | tuple | ListConfig)
+    if origin is dict or annotation is dict:
+        return isinstance(value, dict | DictConfig)
+    return True
+
+
+def _type_name(annotation: Any) -> str:
+    return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
+
+
+def check_kwargs(section: str, values: dict, target) -> None:
+    """Every key of ``values`` must be a parameter of ``target`` with a value of the annotated type."""
+    params = inspect.signature(target).parameters
+    takes_kwargs = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    try:
+        hints = typing.get_type_hints(target)
+    except Exception:  # unresolvable forward references: fall back to no type checks
+        hints = {}
+    for key, value in values.items():
+        if key.startswith("_"):
+            continue
+        if key not in params:
+            if not takes_kwargs:
+                _fail(f"{section}.{key}", "unknown key" + _suggest(key, params))
+            continue
+        annotation = hints.get(key, params[key].annotation)
+        if value is not None and not _matches(value, annotation):
+            _fail(f"{section}.{key}", f"expected {_type_name(annotation)}, got {value!r}")
+
+
+def _positive_int(section: str, key: str, value: Any, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        _fail(f"{section}.{key}", f"expected a positive integer, got {value!r}")
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """Raise :class:`ConfigError` naming the first bad key of ``cfg``; returns None when all is well."""
+    try:
+        resolved = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    except MissingMandatoryValue as err:
+        key = getattr(err, "full_key", None) or str(err)
+        raise ConfigError(f"config key '{key}': a value is required (set it on the command line, "
+                          f"e.g. {key}=...)") from None
+
+    for key in ("task", "model", "data", "trainer"):
+        if not isinstance(resolved.get(key), dict):
+            _fail(key, "missing config group")
+    task, model, data = resolved["task"], resolved["model"], resolved["data"]
+
+    if not isinstance(resolved.get("seed"), int):
+        _fail("seed", f"expected an integer, got {resolved.get('seed')!r}")
+
+    # model
+    backbone = model.get("backbone") or {}
+    for key in ("embed_dim", "depth", "num_heads", "patch_size"):
+        _positive_int("model.backbone", key, backbone.get(key))
+    if backbone["embed_dim"] % backbone["num_heads"]:
+        _fail("model.backbone.num_heads",
+              f"embed_dim {backbone['embed_dim']} is not divisible by {backbone['num_heads']} heads")
+
+    # task
+    if task.get("reader") not in READERS:
+        _fail("task.reader", f"expected one of {', '.join(READERS)}, got {task.get('reader')!r}")
+    size = task.get("image_size")
+    if not (isinstance(size, list) and len(size) == 2 and all(isinstance(s, int) for s in size)):
+        _fail("task.image_size", f"expected [height, width] integers, got {size!r}")
+    patch = backbone["patch_size"]
+    if size[0] % patch or size[1] % patch:
+        _fail("task.image_size", f"{size} is not divisible by the patch size {patch}")
+    try:
+        module_cls = get_class(task["_target_"])
+    except Exception as err:
+        _fail("task._target_", f"cannot import {task.get('_target_')!r} ({err})")
+    module_kwargs = {k: v for k, v in task.items() if k not in TASK_ONLY_KEYS}
+    check_kwargs("task", module_kwargs, module_cls.__init__)
+
+    # data
+    for key in ("batch_size",):
+        _positive_int("data", key, data.get(key))
+    _positive_int("data", "epoch_length", data.get("epoch_length"), allow_none=True)
+    if not isinstance(data.get("num_workers"), int) or data["num_workers"] < 0:
+        _fail("data.num_workers", f"expected an integer >= 0, got {data.get('num_workers')!r}")
+    if not isinstance(data.get("resampled"), bool):
+        _fail("data.resampled", f"expected true or false, got {data.get('resampled')!r}")
+    if not data.get("train_shards"):
+        _fail("data.train_shards", "no training shards given")
+
+    # trainer: keys must be lightning.Trainer arguments
+    trainer = dict(resolved["trainer"])
+    trainer.pop("strategy", None)  # a string or a _target_ dict, checked by Lightning itself
+    check_kwargs("trainer", trainer, L.Trainer.__init__)
+    for key in ("max_steps",):
+        if not isinstance(trainer.get(key), int):
+            _fail(f"trainer.{key}", f"expected an integer, got {trainer.get(key)!r}")

@@ -1,0 +1,108 @@
+"""One training run, from a composed Hydra config to a fitted model.
+
+``train.py`` calls :func:`run`. The flow: validate the config -> seed -> build the data module (shards ->
+decoded, augmented batches), the LightningModule (``task._target_``) and the Trainer (``trainer``,
+``logger``, ``callbacks``) -> ``fit`` (resuming when a checkpoint exists) -> ``validate`` on the final weights.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import lightning as L
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from sapiens.callbacks.atomic_checkpoint_io import AtomicCheckpointIO
+from sapiens.config import TASK_ONLY_KEYS, validate_config
+from sapiens.data.datamodule import ShardDataModule
+
+log = logging.getLogger(__name__)
+
+
+
+def build_datamodule(cfg: DictConfig) -> ShardDataModule:
+    """Shards of ``cfg.data`` read with the task's reader and transforms."""
+    data = cfg.data
+    return ShardDataModule(
+        train_shards=data.train_shards,
+        val_shards=data.get("val_shards"),
+        reader=cfg.task.reader,
+        train_transform=instantiate(cfg.task.train_transform),
+        val_transform=instantiate(cfg.task.get("val_transform")),
+        batch_size=data.batch_size,
+        val_batch_size=data.get("val_batch_size"),
+        num_workers=data.num_workers,
+        resampled=data.resampled,
+        epoch_length=data.epoch_length,
+        shuffle_buffer=data.shuffle_buffer,
+        seed=cfg.seed,
+    )
+
+
+def build_module(cfg: DictConfig) -> L.LightningModule:
+    """The task's LightningModule: ``cfg.task`` minus the keys in :data:`TASK_ONLY_KEYS`."""
+    task = OmegaConf.to_container(cfg.task, resolve=True)
+    return instantiate({k: v for k, v in task.items() if k not in TASK_ONLY_KEYS}, _convert_="all")
+
+
+def build_callbacks(cfg: DictConfig) -> list[L.Callback]:
+    """Callbacks of ``cfg.callbacks`` plus the task's own (``cfg.task.callbacks``); null entries drop one."""
+    specs = {**(cfg.get("callbacks") or {}), **(cfg.task.get("callbacks") or {})}
+    return [instantiate(spec) for spec in specs.values() if spec is not None]
+
+
+def build_trainer(cfg: DictConfig) -> L.Trainer:
+    """Lightning Trainer from ``cfg.trainer`` with loggers, callbacks and atomic checkpoint writes."""
+    loggers = [instantiate(spec) for spec in (cfg.get("logger") or {}).values() if spec is not None]
+    kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
+    if isinstance(kwargs.get("strategy"), dict):
+        kwargs["strategy"] = instantiate(cfg.trainer.strategy)
+    plugins = []
+    if "deepspeed" not in str(kwargs.get("strategy")).lower():
+        plugins.append(AtomicCheckpointIO())  # DeepSpeed writes checkpoint folders itself
+    return L.Trainer(default_root_dir=cfg.paths.run_dir, logger=loggers or False,
+                     callbacks=build_callbacks(cfg), plugins=plugins, **kwargs)
+
+
+def resolve_ckpt_path(cfg: DictConfig) -> str | None:
+    """What ``fit`` resumes from.
+
+    ``auto``: a Slurm hpc checkpoint in the run directory (Lightning restores it itself, so None is
+    returned), else ``checkpoints/last.ckpt`` when it exists, else None (fresh start).
+    """
+    spec = cfg.get("ckpt_path")
+    if spec in (None, "null", "none"):
+        return None
+    run_dir = Path(cfg.paths.run_dir)
+    if spec != "auto":
+        if spec not in ("last", "best", "hpc") and not Path(spec).exists():
+            raise FileNotFoundError(f"ckpt_path={spec} does not exist")
+        return spec
+    if list(run_dir.glob("hpc_ckpt_*.ckpt")):
+        log.info("resuming from the Slurm hpc checkpoint in %s", run_dir)
+        return None
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if last.exists():
+        log.info("resuming from %s", last)
+        return str(last)
+    return None
+
+
+def run(cfg: DictConfig) -> dict[str, float]:
+    """Validate, build, fit and validate; returns the final metrics (``trainer.callback_metrics``)."""
+    validate_config(cfg)
+    L.seed_everything(cfg.seed, workers=True)
+    run_dir = Path(cfg.paths.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    datamodule = build_datamodule(cfg)
+    module = build_module(cfg)
+    trainer = build_trainer(cfg)
+    if trainer.is_global_zero:
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        log.info("run directory: %s", run_dir.resolve())
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resolve_ckpt_path(cfg))
+    if cfg.get("validate_after_fit") and cfg.data.get("val_shards"):
+        trainer.validate(module, datamodule=datamodule)
+    return {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
