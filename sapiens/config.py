@@ -95,7 +95,11 @@ def _positive_int(section: str, key: str, value: Any, allow_none: bool = False) 
 def validate_config(cfg: DictConfig) -> None:
     """Raise :class:`ConfigError` naming the first bad key of ``cfg``; returns None when all is well."""
     try:
-        resolved = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+        resolved = {
+            key: OmegaConf.to_container(cfg[key], resolve=True, throw_on_missing=True)
+            if OmegaConf.is_config(cfg[key]) else cfg[key]
+            for key in cfg if key != "hydra"  # Hydra's own section is Hydra's business
+        }
     except MissingMandatoryValue as err:
         key = getattr(err, "full_key", None) or str(err)
         raise ConfigError(f"config key '{key}': a value is required (set it on the command line, "

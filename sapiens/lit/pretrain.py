@@ -21,6 +21,8 @@ class MAEPretrainModule(SapiensModule):
         norm_pix_loss: per-patch normalised pixel targets.
         grad_checkpointing: activation checkpointing in every encoder block.
         optimizer, schedule, batch_size, max_consecutive_nonfinite: see :class:`SapiensModule`.
+        seed: masks are drawn from a generator seeded by (seed, step, rank), so a resumed run draws
+            exactly the masks the uninterrupted run would have drawn.
     """
 
     def __init__(
@@ -35,6 +37,7 @@ class MAEPretrainModule(SapiensModule):
         schedule: dict | None = None,
         batch_size: int = 1,
         max_consecutive_nonfinite: int = 20,
+        seed: int = 0,
     ):
         super().__init__(optimizer, schedule, batch_size, max_consecutive_nonfinite)
         self.save_hyperparameters()
@@ -43,6 +46,7 @@ class MAEPretrainModule(SapiensModule):
             img_size=tuple(image_size), pos_embed="sincos", cls_token=True,
             grad_checkpointing=grad_checkpointing, **backbone,
         )
+        self.seed = seed
         self.model = MaskedAutoencoder(encoder, decoder["dim"], decoder["depth"], decoder["heads"],
                                        mask_ratio=mask_ratio, norm_pix_loss=norm_pix_loss)
 
@@ -59,9 +63,15 @@ class MAEPretrainModule(SapiensModule):
         p = self.backbone.patch_size
         return (image.shape[-2] // p) * (image.shape[-1] // p)
 
+    def mask_generator(self, device: torch.device, batch_idx: int) -> torch.Generator:
+        """Generator for this batch's masks, seeded by (seed, global step, batch index, rank): batches
+        accumulated into one step still get different masks."""
+        key = ((self.seed * 1_000_003 + self.global_step) * 8191 + batch_idx) * 4099 + self.global_rank
+        return torch.Generator(device=device).manual_seed(key % (2**63))
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         """batch["image"]: (B, 3, H, W) normalised float."""
-        loss, _, _ = self.model(batch["image"])
+        loss, _, _ = self.model(batch["image"], generator=self.mask_generator(batch["image"].device, batch_idx))
         self.log("train/loss", loss.detach(), on_step=True, prog_bar=True,
                  batch_size=batch["image"].shape[0])
         return self.guard_loss(loss)

@@ -1,0 +1,132 @@
+"""Checkpoint formats: published Sapiens (mmengine) keys <-> ours, and safe loading for initialisation.
+
+Published layouts (reference section 5):
+- pretraining ``sapiens_*_clean.pth``: a flat dict of encoder keys (``cls_token``, ``pos_embed`` (1, 4097, C),
+  ``patch_embed.projection.*``, ``layers.i.{ln1,attn.qkv,attn.proj,ln2,ffn.layers.0.0,ffn.layers.1}.*``,
+  ``ln1.*``);
+- fine-tuned: ``{"state_dict": {"backbone.<keys above>", "head.*" | "decode_head.*"}, "meta": ...}``.
+
+Ours use timm names (``patch_embed.proj``, ``blocks.i.norm1``, ``mlp.fc1``, ``norm``...). Accepted inputs of
+:func:`load_backbone_state`: a published file, a Lightning checkpoint of this project (pretraining or
+fine-tuning), or a consolidated fp32 state dict from a DeepSpeed ZeRO folder (``sapiens.zero_to_fp32``).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+# (published pattern, ours) applied in order to each key of a backbone state dict.
+PUBLISHED_TO_OURS = [
+    (r"^patch_embed\.projection\.", "patch_embed.proj."),
+    (r"^layers\.(\d+)\.ln1\.", r"blocks.\1.norm1."),
+    (r"^layers\.(\d+)\.ln2\.", r"blocks.\1.norm2."),
+    (r"^layers\.(\d+)\.attn\.", r"blocks.\1.attn."),
+    (r"^layers\.(\d+)\.ffn\.layers\.0\.0\.", r"blocks.\1.mlp.fc1."),
+    (r"^layers\.(\d+)\.ffn\.layers\.1\.", r"blocks.\1.mlp.fc2."),
+    (r"^ln1\.", "norm."),
+]
+OURS_TO_PUBLISHED = [
+    (r"^patch_embed\.proj\.", "patch_embed.projection."),
+    (r"^blocks\.(\d+)\.norm1\.", r"layers.\1.ln1."),
+    (r"^blocks\.(\d+)\.norm2\.", r"layers.\1.ln2."),
+    (r"^blocks\.(\d+)\.attn\.", r"layers.\1.attn."),
+    (r"^blocks\.(\d+)\.mlp\.fc1\.", r"layers.\1.ffn.layers.0.0."),
+    (r"^blocks\.(\d+)\.mlp\.fc2\.", r"layers.\1.ffn.layers.1."),
+    (r"^norm\.", "ln1."),
+]
+# Prefixes under which a backbone sits in the checkpoints we accept, most specific first.
+BACKBONE_PREFIXES = ("model.encoder.", "backbone.", "encoder.", "module.backbone.")
+
+
+def rename_keys(state: dict[str, torch.Tensor], rules) -> dict[str, torch.Tensor]:
+    """Apply the first matching ``(pattern, replacement)`` rule to each key; others are unchanged."""
+    out = {}
+    for key, value in state.items():
+        for pattern, repl in rules:
+            new, n = re.subn(pattern, repl, key)
+            if n:
+                key = new
+                break
+        out[key] = value
+    return out
+
+
+def is_published_layout(state: dict[str, torch.Tensor]) -> bool:
+    """True when keys use the mmpretrain names (``layers.i.ln1`` ...)."""
+    return any(k.startswith(("layers.", "patch_embed.projection.")) for k in state)
+
+
+def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
+    """Load a checkpoint file with ``weights_only=True`` and return its flat tensor dict.
+
+    Lightning checkpoints and mmengine files keep tensors under ``state_dict``; ``_clean`` files are flat.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.is_dir():
+        raise IsADirectoryError(
+            f"{path} is a folder (a DeepSpeed ZeRO checkpoint?): convert it first with "
+            f"`python -m sapiens.zero_to_fp32 {path} {path}.fp32.pt`"
+        )
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # pickle errors, truncated files
+        raise ValueError(f"cannot read checkpoint {path}: {err}") from None
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ValueError(f"{path} does not hold a state dict of tensors")
+    return obj
+
+
+def extract_backbone_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Backbone tensors of any accepted checkpoint, with our key names and no prefix."""
+    for prefix in BACKBONE_PREFIXES:
+        sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        if sub:
+            state = sub
+            break
+    if is_published_layout(state):
+        state = rename_keys(state, PUBLISHED_TO_OURS)
+    return state
+
+
+def load_backbone_state(backbone: nn.Module, path: str | Path, strict: bool = False) -> dict:
+    """Initialise ``backbone`` from a checkpoint file; returns ``{"missing": [...], "unexpected": [...]}``.
+
+    The position embedding is adapted by the backbone itself (cls row stripped, grid resized bicubically).
+    Missing and unexpected keys are logged by name; ``strict`` turns missing keys into an error.
+    """
+    state = extract_backbone_state(read_checkpoint(path))
+    own = backbone.state_dict()
+    mismatched = [k for k, v in state.items()
+                  if k in own and k != "pos_embed" and v.shape != own[k].shape]
+    if mismatched:
+        k = mismatched[0]
+        raise ValueError(
+            f"{path}: {len(mismatched)} tensors do not fit the backbone, e.g. '{k}' has shape "
+            f"{tuple(state[k].shape)} but the model expects {tuple(own[k].shape)} "
+            "(wrong model size in the config?)"
+        )
+    result = backbone.load_state_dict(state, strict=False)
+    report = {"missing": list(result.missing_keys), "unexpected": list(result.unexpected_keys)}
+    loaded = len(state) - len(report["unexpected"])
+    log.info("loaded %d backbone tensors from %s", loaded, path)
+    if report["missing"]:
+        log.warning("missing keys (left at their init): %s", ", ".join(report["missing"]))
+    if report["unexpected"]:
+        log.info("unused keys: %s", ", ".join(report["unexpected"]))
+    if strict and report["missing"]:
+        raise ValueError(f"{path}: missing backbone keys {report['missing']}")
+    if loaded == 0:
+        raise ValueError(f"{path}: no backbone tensor matched; is this a Sapiens / sapiens-train "
+                         "checkpoint?")
+    return report
