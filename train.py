@@ -4,6 +4,7 @@ The whole run is described by the composed config (``python train.py --cfg job``
 ``conf/config.yaml`` for the groups and ``sapiens/run.py`` for what is built from them.
 """
 
+import re
 import sys
 
 import hydra
@@ -23,5 +24,18 @@ def main(cfg: DictConfig) -> None:
         sys.exit(2)
 
 
+def quote_brace_patterns(argv: list[str]) -> list[str]:
+    """Quote override values holding shard brace patterns (``{000000..009999}``), which Hydra's
+    override grammar would otherwise read as a dict: ``data.train_shards=/d/{0..9}.tar`` works."""
+    out = []
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if sep and re.search(r"\{\d+\.\.\d+\}", value) and value[:1] not in "'\"":
+            arg = f"{key}='{value}'"
+        out.append(arg)
+    return out
+
+
 if __name__ == "__main__":
+    sys.argv = quote_brace_patterns(sys.argv)
     main()

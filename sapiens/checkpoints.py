@@ -90,7 +90,7 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
 def extract_backbone_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Backbone tensors of any accepted checkpoint, with our key names and no prefix."""
     for prefix in BACKBONE_PREFIXES:
-        sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        sub = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
         if sub:
             state = sub
             break
@@ -107,8 +107,7 @@ def load_backbone_state(backbone: nn.Module, path: str | Path, strict: bool = Fa
     """
     state = extract_backbone_state(read_checkpoint(path))
     own = backbone.state_dict()
-    mismatched = [k for k, v in state.items()
-                  if k in own and k != "pos_embed" and v.shape != own[k].shape]
+    mismatched = [k for k, v in state.items() if k in own and k != "pos_embed" and v.shape != own[k].shape]
     if mismatched:
         k = mismatched[0]
         raise ValueError(
@@ -127,6 +126,5 @@ def load_backbone_state(backbone: nn.Module, path: str | Path, strict: bool = Fa
     if strict and report["missing"]:
         raise ValueError(f"{path}: missing backbone keys {report['missing']}")
     if loaded == 0:
-        raise ValueError(f"{path}: no backbone tensor matched; is this a Sapiens / sapiens-train "
-                         "checkpoint?")
+        raise ValueError(f"{path}: no backbone tensor matched; is this a Sapiens / sapiens-train checkpoint?")
     return report

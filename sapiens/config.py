@@ -20,8 +20,15 @@ from omegaconf.errors import MissingMandatoryValue
 
 READERS = ("pretrain", "pose", "seg", "depth", "normal")
 # Keys of the task config that are not arguments of the LightningModule.
-TASK_ONLY_KEYS = ("name", "reader", "train_transform", "val_transform", "callbacks", "monitor",
-                  "monitor_mode")
+TASK_ONLY_KEYS = (
+    "name",
+    "reader",
+    "train_transform",
+    "val_transform",
+    "callbacks",
+    "monitor",
+    "monitor_mode",
+)
 
 
 class ConfigError(ValueError):
@@ -97,13 +104,16 @@ def validate_config(cfg: DictConfig) -> None:
     try:
         resolved = {
             key: OmegaConf.to_container(cfg[key], resolve=True, throw_on_missing=True)
-            if OmegaConf.is_config(cfg[key]) else cfg[key]
-            for key in cfg if key != "hydra"  # Hydra's own section is Hydra's business
+            if OmegaConf.is_config(cfg[key])
+            else cfg[key]
+            for key in cfg
+            if key != "hydra"  # Hydra's own section is Hydra's business
         }
     except MissingMandatoryValue as err:
         key = getattr(err, "full_key", None) or str(err)
-        raise ConfigError(f"config key '{key}': a value is required (set it on the command line, "
-                          f"e.g. {key}=...)") from None
+        raise ConfigError(
+            f"config key '{key}': a value is required (set it on the command line, e.g. {key}=...)"
+        ) from None
 
     for key in ("task", "model", "data", "trainer"):
         if not isinstance(resolved.get(key), dict):
@@ -118,8 +128,10 @@ def validate_config(cfg: DictConfig) -> None:
     for key in ("embed_dim", "depth", "num_heads", "patch_size"):
         _positive_int("model.backbone", key, backbone.get(key))
     if backbone["embed_dim"] % backbone["num_heads"]:
-        _fail("model.backbone.num_heads",
-              f"embed_dim {backbone['embed_dim']} is not divisible by {backbone['num_heads']} heads")
+        _fail(
+            "model.backbone.num_heads",
+            f"embed_dim {backbone['embed_dim']} is not divisible by {backbone['num_heads']} heads",
+        )
 
     # task
     if task.get("reader") not in READERS:

@@ -1,12 +1,16 @@
-"""Logger construction: wandb online when an API key is configured, offline otherwise."""
+"""Loggers: wandb online when an API key is configured (offline otherwise), and a CSV logger that
+appends to metrics.csv when a run resumes."""
 
 from __future__ import annotations
 
+import csv
 import netrc
 import os
 from pathlib import Path
 
-from lightning.pytorch.loggers import WandbLogger
+from lightning.fabric.loggers.logger import rank_zero_experiment
+from lightning.pytorch.loggers import CSVLogger, WandbLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
 
 def wandb_api_key_configured() -> bool:
@@ -19,9 +23,15 @@ def wandb_api_key_configured() -> bool:
         return False
 
 
-def build_wandb_logger(mode: str = "auto", project: str = "sapiens-train", name: str | None = None,
-                       save_dir: str = ".", group: str | None = None, tags: list | None = None,
-                       **kwargs) -> WandbLogger:
+def build_wandb_logger(
+    mode: str = "auto",
+    project: str = "sapiens-train",
+    name: str | None = None,
+    save_dir: str = ".",
+    group: str | None = None,
+    tags: list | None = None,
+    **kwargs,
+) -> WandbLogger:
     """A WandbLogger whose run id is derived from the run directory, so a resumed run continues the
     same wandb run.
 
@@ -37,5 +47,36 @@ def build_wandb_logger(mode: str = "auto", project: str = "sapiens-train", name:
         mode = "online" if wandb_api_key_configured() else "offline"
     Path(save_dir).mkdir(parents=True, exist_ok=True)
     run_id = (name or "run").replace("/", "-")[-120:]
-    return WandbLogger(project=project, name=name, save_dir=save_dir, group=group,
-                       tags=list(tags or []), id=run_id, mode=mode, **kwargs)
+    return WandbLogger(
+        project=project,
+        name=name,
+        save_dir=save_dir,
+        group=group,
+        tags=list(tags or []),
+        id=run_id,
+        mode=mode,
+        **kwargs,
+    )
+
+
+class _AppendingWriter(ExperimentWriter):
+    """Lightning's CSV writer deletes an existing metrics.csv; this one keeps it and appends, so a
+    resumed run's metrics.csv holds the whole history."""
+
+    def _check_log_dir_exists(self) -> None:
+        if os.path.isfile(self.metrics_file_path):
+            with open(self.metrics_file_path, newline="") as f:
+                header = next(csv.reader(f), [])
+            self.metrics_keys = sorted(header)
+
+
+class ResumableCSVLogger(CSVLogger):
+    """CSVLogger writing ``<save_dir>/metrics.csv`` and appending to it when a run resumes."""
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _AppendingWriter(log_dir=self.log_dir)
+        return self._experiment

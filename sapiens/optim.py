@@ -65,7 +65,7 @@ def param_groups(
             continue
         layer = num_layers - 1
         if use_ld and name.startswith(backbone_prefix):
-            layer = backbone.layer_id(name[len(backbone_prefix):])
+            layer = backbone.layer_id(name[len(backbone_prefix) :])
         decay = not _no_decay(name, param, extra)
         key = (layer, decay)
         if key not in groups:
@@ -97,9 +97,7 @@ class ScheduleConfig:
 
     def __post_init__(self):
         if self.kind not in ("cosine", "poly", "multistep", "constant"):
-            raise ValueError(
-                f"schedule kind must be cosine, poly, multistep or constant, got {self.kind!r}"
-            )
+            raise ValueError(f"schedule kind must be cosine, poly, multistep or constant, got {self.kind!r}")
 
     def factor(self, step: int, total_steps: int) -> float:
         """lr multiplier at optimizer step ``step`` of ``total_steps``."""

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import lightning as L
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ProgressBar
 from omegaconf import DictConfig, OmegaConf
 
 from sapiens.callbacks.atomic_checkpoint_io import AtomicCheckpointIO
@@ -19,7 +20,6 @@ from sapiens.config import TASK_ONLY_KEYS, validate_config
 from sapiens.data.datamodule import ShardDataModule
 
 log = logging.getLogger(__name__)
-
 
 
 def build_datamodule(cfg: DictConfig) -> ShardDataModule:
@@ -59,11 +59,19 @@ def build_trainer(cfg: DictConfig) -> L.Trainer:
     kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     if isinstance(kwargs.get("strategy"), dict):
         kwargs["strategy"] = instantiate(cfg.trainer.strategy)
+    callbacks = build_callbacks(cfg)
+    if not kwargs.get("enable_progress_bar", True):  # Lightning refuses a bar callback then
+        callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
     plugins = []
     if "deepspeed" not in str(kwargs.get("strategy")).lower():
         plugins.append(AtomicCheckpointIO())  # DeepSpeed writes checkpoint folders itself
-    return L.Trainer(default_root_dir=cfg.paths.run_dir, logger=loggers or False,
-                     callbacks=build_callbacks(cfg), plugins=plugins, **kwargs)
+    return L.Trainer(
+        default_root_dir=cfg.paths.run_dir,
+        logger=loggers or False,
+        callbacks=callbacks,
+        plugins=plugins,
+        **kwargs,
+    )
 
 
 def resolve_ckpt_path(cfg: DictConfig) -> str | None:

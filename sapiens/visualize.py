@@ -29,7 +29,7 @@ def tile(rows: list[list[np.ndarray]], gap: int = 2) -> np.ndarray:
         for j, img in enumerate(row):
             if img.shape[:2] != (h, w):
                 img = cv2.resize(img, (w, h), interpolation=cv2.INTER_NEAREST)
-            out[i * (h + gap): i * (h + gap) + h, j * (w + gap): j * (w + gap) + w] = img
+            out[i * (h + gap) : i * (h + gap) + h, j * (w + gap) : j * (w + gap) + w] = img
     return out
 
 

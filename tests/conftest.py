@@ -48,25 +48,46 @@ def pretrain_data_root(tmp_path_factory) -> Path:
     return root
 
 
-def run_train(args: list[str], cwd: Path | None = None, timeout: int = 300,
-              env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
+def run_train(
+    args: list[str], cwd: Path | None = None, timeout: int = 300, env: dict | None = None, check: bool = True
+) -> subprocess.CompletedProcess:
     """Run ``python train.py *args`` from the repo root with offline wandb; returns the process."""
-    full_env = {**os.environ, "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1",
-                "OMP_NUM_THREADS": "1", **(env or {})}
+    full_env = {
+        **os.environ,
+        "WANDB_MODE": "offline",
+        "PYTHONUNBUFFERED": "1",
+        "OMP_NUM_THREADS": "1",
+        **(env or {}),
+    }
     full_env.pop("SLURM_JOB_ID", None)
     full_env.pop("SLURM_NTASKS", None)
-    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=cwd or ROOT,
-                          env=full_env, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *args],
+        cwd=cwd or ROOT,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     if check and proc.returncode != 0:
-        raise AssertionError(f"train.py failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
-                             f"{proc.stderr[-6000:]}")
+        raise AssertionError(
+            f"train.py failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+        )
     return proc
 
 
 TINY = [
-    "experiment=pretrain_demo", "model=vit_tiny", "task.image_size=[64,48]",
-    "task.decoder.dim=32", "task.decoder.depth=1", "task.decoder.heads=4",
-    "data.batch_size=8", "data.num_workers=0", "data.epoch_length=5",
-    "trainer.limit_val_batches=2", "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false",
+    "experiment=pretrain_demo",
+    "model=vit_tiny",
+    "task.image_size=[64,48]",
+    "task.decoder.dim=32",
+    "task.decoder.depth=1",
+    "task.decoder.heads=4",
+    "data.batch_size=8",
+    "data.num_workers=0",
+    "data.epoch_length=5",
+    "trainer.limit_val_batches=2",
+    "trainer.log_every_n_steps=1",
+    "trainer.enable_progress_bar=false",
     "trainer.enable_model_summary=false",
 ]

@@ -9,8 +9,9 @@ from sapiens.models.vit import VisionTransformer
 
 def tiny_mae(mask_ratio=0.75, norm_pix=True) -> MaskedAutoencoder:
     enc = VisionTransformer(img_size=(64, 48), embed_dim=64, depth=2, num_heads=4)
-    return MaskedAutoencoder(enc, decoder_dim=32, decoder_depth=1, decoder_heads=4,
-                             mask_ratio=mask_ratio, norm_pix_loss=norm_pix)
+    return MaskedAutoencoder(
+        enc, decoder_dim=32, decoder_depth=1, decoder_heads=4, mask_ratio=mask_ratio, norm_pix_loss=norm_pix
+    )
 
 
 @pytest.mark.parametrize("ratio", [0.5, 0.75, 0.95])
@@ -87,7 +88,8 @@ def test_reconstruction_pastes_visible_patches():
 
 
 def test_mae_needs_cls_encoder():
-    enc = VisionTransformer(img_size=(64, 48), embed_dim=64, depth=1, num_heads=4,
-                            cls_token=False, pos_embed="learned")
+    enc = VisionTransformer(
+        img_size=(64, 48), embed_dim=64, depth=1, num_heads=4, cls_token=False, pos_embed="learned"
+    )
     with pytest.raises(ValueError, match="cls_token=True"):
         MaskedAutoencoder(enc)

@@ -19,8 +19,9 @@ from sapiens.optim import (
 class Net(nn.Module):
     def __init__(self):
         super().__init__()
-        self.backbone = VisionTransformer(img_size=(64, 48), embed_dim=64, depth=2, num_heads=4,
-                                          pos_embed="learned", cls_token=False)
+        self.backbone = VisionTransformer(
+            img_size=(64, 48), embed_dim=64, depth=2, num_heads=4, pos_embed="learned", cls_token=False
+        )
         self.head = nn.Conv2d(64, 3, 1)
 
 

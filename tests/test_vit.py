@@ -10,8 +10,7 @@ from sapiens.models.pos_embed import resize_pos_embed, sincos_2d
 from sapiens.models.vit import VisionTransformer
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
-PUBLISHED_BILLIONS = {"sapiens_0.3b": 0.307, "sapiens_0.6b": 0.636, "sapiens_1b": 1.141,
-                      "sapiens_2b": 2.134}
+PUBLISHED_BILLIONS = {"sapiens_0.3b": 0.307, "sapiens_0.6b": 0.636, "sapiens_1b": 1.141, "sapiens_2b": 2.134}
 
 
 def tiny(**kw) -> VisionTransformer:

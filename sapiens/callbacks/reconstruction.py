@@ -44,13 +44,19 @@ class ReconstructionLogger(L.Callback):
         _, pred, mask = pl_module.model(images, generator=gen)
         masked, recon = pl_module.model.reconstruct(images, pred, mask)
         pl_module.train(was_training)
-        rows = [[denormalize(images[i]), denormalize(masked[i]), denormalize(recon[i])]
-                for i in range(images.shape[0])]
+        rows = [
+            [denormalize(images[i]), denormalize(masked[i]), denormalize(recon[i])]
+            for i in range(images.shape[0])
+        ]
         picture = tile(rows)
         out = Path(self.out_dir or trainer.default_root_dir) / "reconstructions"
         path = save_png(picture, out / f"step_{step:07d}.png")
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
-                logger.log_image("train/reconstruction", [np.ascontiguousarray(picture)],
-                                 step=step, caption=["original | masked | reconstruction"])
+                logger.log_image(
+                    "train/reconstruction",
+                    [np.ascontiguousarray(picture)],
+                    step=step,
+                    caption=["original | masked | reconstruction"],
+                )
         return path

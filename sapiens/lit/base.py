@@ -52,8 +52,13 @@ class SapiensModule(L.LightningModule):
     Subclasses implement ``training_step`` through :meth:`guard_loss` and define ``param_group_args()``.
     """
 
-    def __init__(self, optimizer: dict | None = None, schedule: dict | None = None,
-                 batch_size: int = 1, max_consecutive_nonfinite: int = 20):
+    def __init__(
+        self,
+        optimizer: dict | None = None,
+        schedule: dict | None = None,
+        batch_size: int = 1,
+        max_consecutive_nonfinite: int = 20,
+    ):
         super().__init__()
         self.optim_cfg = OptimizerConfig(**(optimizer or {}))
         self.schedule_cfg = ScheduleConfig(**(schedule or {}))
@@ -71,8 +76,9 @@ class SapiensModule(L.LightningModule):
     def resolve_lr(self) -> tuple[float, int]:
         """The absolute lr and the effective batch it was scaled for."""
         trainer = self.trainer
-        eff = effective_batch_size(self.batch_size, trainer.num_devices, trainer.num_nodes,
-                                   trainer.accumulate_grad_batches)
+        eff = effective_batch_size(
+            self.batch_size, trainer.num_devices, trainer.num_nodes, trainer.accumulate_grad_batches
+        )
         if self.optim_cfg.lr is not None:
             return self.optim_cfg.lr, eff
         if self.optim_cfg.base_lr is None:
@@ -81,19 +87,34 @@ class SapiensModule(L.LightningModule):
 
     def configure_optimizers(self):
         lr, eff = self.resolve_lr()
-        groups = param_groups(self, self.optim_cfg.weight_decay,
-                              layer_decay=self.optim_cfg.layer_decay, **self.param_group_args())
+        groups = param_groups(
+            self,
+            self.optim_cfg.weight_decay,
+            layer_decay=self.optim_cfg.layer_decay,
+            **self.param_group_args(),
+        )
         total = int(self.trainer.estimated_stepping_batches)
-        how = "given" if self.optim_cfg.lr is not None else (
-            f"= base_lr {self.optim_cfg.base_lr:g} x {eff} / {self.optim_cfg.base_batch_size}")
-        log.info("lr %.3g (%s); effective batch %d = %d per device x %d devices x %d nodes x %d "
-                 "accumulation; %d optimizer steps; %d parameter groups", lr, how, eff,
-                 self.batch_size, self.trainer.num_devices, self.trainer.num_nodes,
-                 self.trainer.accumulate_grad_batches, total, len(groups))
+        how = (
+            "given"
+            if self.optim_cfg.lr is not None
+            else (f"= base_lr {self.optim_cfg.base_lr:g} x {eff} / {self.optim_cfg.base_batch_size}")
+        )
+        log.info(
+            "lr %.3g (%s); effective batch %d = %d per device x %d devices x %d nodes x %d "
+            "accumulation; %d optimizer steps; %d parameter groups",
+            lr,
+            how,
+            eff,
+            self.batch_size,
+            self.trainer.num_devices,
+            self.trainer.num_nodes,
+            self.trainer.accumulate_grad_batches,
+            total,
+            len(groups),
+        )
         for g in groups:
             g["lr"] = lr
-        opt = torch.optim.AdamW(groups, lr=lr, betas=tuple(self.optim_cfg.betas),
-                                eps=self.optim_cfg.eps)
+        opt = torch.optim.AdamW(groups, lr=lr, betas=tuple(self.optim_cfg.betas), eps=self.optim_cfg.eps)
         sched = build_scheduler(opt, self.schedule_cfg, total)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
@@ -110,8 +131,12 @@ class SapiensModule(L.LightningModule):
             return loss
         self.nonfinite_total += 1
         self._nonfinite_streak += 1
-        log.warning("non-finite loss at step %d: update skipped (%d in a row, %d in total)",
-                    self.global_step, self._nonfinite_streak, self.nonfinite_total)
+        log.warning(
+            "non-finite loss at step %d: update skipped (%d in a row, %d in total)",
+            self.global_step,
+            self._nonfinite_streak,
+            self.nonfinite_total,
+        )
         if self._nonfinite_streak >= self.max_consecutive_nonfinite:
             raise NonFiniteLossError(
                 f"{self._nonfinite_streak} consecutive non-finite losses (last at step "

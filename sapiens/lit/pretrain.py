@@ -43,12 +43,21 @@ class MAEPretrainModule(SapiensModule):
         self.save_hyperparameters()
         decoder = {"dim": 512, "depth": 8, "heads": 16, **(decoder or {})}
         encoder = VisionTransformer(
-            img_size=tuple(image_size), pos_embed="sincos", cls_token=True,
-            grad_checkpointing=grad_checkpointing, **backbone,
+            img_size=tuple(image_size),
+            pos_embed="sincos",
+            cls_token=True,
+            grad_checkpointing=grad_checkpointing,
+            **backbone,
         )
         self.seed = seed
-        self.model = MaskedAutoencoder(encoder, decoder["dim"], decoder["depth"], decoder["heads"],
-                                       mask_ratio=mask_ratio, norm_pix_loss=norm_pix_loss)
+        self.model = MaskedAutoencoder(
+            encoder,
+            decoder["dim"],
+            decoder["depth"],
+            decoder["heads"],
+            mask_ratio=mask_ratio,
+            norm_pix_loss=norm_pix_loss,
+        )
 
     @property
     def backbone(self) -> VisionTransformer:
@@ -71,14 +80,16 @@ class MAEPretrainModule(SapiensModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         """batch["image"]: (B, 3, H, W) normalised float."""
-        loss, _, _ = self.model(batch["image"], generator=self.mask_generator(batch["image"].device, batch_idx))
-        self.log("train/loss", loss.detach(), on_step=True, prog_bar=True,
-                 batch_size=batch["image"].shape[0])
+        loss, _, _ = self.model(
+            batch["image"], generator=self.mask_generator(batch["image"].device, batch_idx)
+        )
+        self.log("train/loss", loss.detach(), on_step=True, prog_bar=True, batch_size=batch["image"].shape[0])
         return self.guard_loss(loss)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         # A fixed generator per batch makes the validation loss comparable between evaluations.
         gen = torch.Generator(device=batch["image"].device).manual_seed(batch_idx)
         loss, _, _ = self.model(batch["image"], generator=gen)
-        self.log("val/loss", loss, on_epoch=True, prog_bar=True, sync_dist=True,
-                 batch_size=batch["image"].shape[0])
+        self.log(
+            "val/loss", loss, on_epoch=True, prog_bar=True, sync_dist=True, batch_size=batch["image"].shape[0]
+        )

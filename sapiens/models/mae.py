@@ -60,15 +60,22 @@ def random_masking(
 class MAEDecoder(nn.Module):
     """Lightweight transformer decoder that predicts the pixels of every patch."""
 
-    def __init__(self, encoder_dim: int, patch_size: int, grid: tuple[int, int], dim: int = 512,
-                 depth: int = 8, num_heads: int = 16, mlp_ratio: float = 4.0, in_chans: int = 3):
+    def __init__(
+        self,
+        encoder_dim: int,
+        patch_size: int,
+        grid: tuple[int, int],
+        dim: int = 512,
+        depth: int = 8,
+        num_heads: int = 16,
+        mlp_ratio: float = 4.0,
+        in_chans: int = 3,
+    ):
         super().__init__()
         self.grid_size = tuple(grid)
         self.decoder_embed = nn.Linear(encoder_dim, dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
-        self.decoder_pos_embed = nn.Parameter(
-            torch.zeros(1, grid[0] * grid[1] + 1, dim), requires_grad=False
-        )
+        self.decoder_pos_embed = nn.Parameter(torch.zeros(1, grid[0] * grid[1] + 1, dim), requires_grad=False)
         self.decoder_blocks = nn.ModuleList(Block(dim, num_heads, mlp_ratio) for _ in range(depth))
         self.decoder_norm = nn.LayerNorm(dim, eps=LN_EPS)
         self.decoder_pred = nn.Linear(dim, patch_size * patch_size * in_chans)
@@ -108,16 +115,29 @@ class MaskedAutoencoder(nn.Module):
         norm_pix_loss: regress per-patch normalised pixels (mean/var per patch, eps 1e-6).
     """
 
-    def __init__(self, encoder: VisionTransformer, decoder_dim: int = 512, decoder_depth: int = 8,
-                 decoder_heads: int = 16, mask_ratio: float = 0.75, norm_pix_loss: bool = True):
+    def __init__(
+        self,
+        encoder: VisionTransformer,
+        decoder_dim: int = 512,
+        decoder_depth: int = 8,
+        decoder_heads: int = 16,
+        mask_ratio: float = 0.75,
+        norm_pix_loss: bool = True,
+    ):
         super().__init__()
         if encoder.cls_token is None:
             raise ValueError("MAE pretraining needs an encoder built with cls_token=True")
         if not 0.0 <= mask_ratio < 1.0:
             raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
         self.encoder = encoder
-        self.decoder = MAEDecoder(encoder.embed_dim, encoder.patch_size, encoder.grid_size,
-                                  decoder_dim, decoder_depth, decoder_heads)
+        self.decoder = MAEDecoder(
+            encoder.embed_dim,
+            encoder.patch_size,
+            encoder.grid_size,
+            decoder_dim,
+            decoder_depth,
+            decoder_heads,
+        )
         self.decoder.init_weights()
         self.mask_ratio = mask_ratio
         self.norm_pix_loss = norm_pix_loss
@@ -125,10 +145,13 @@ class MaskedAutoencoder(nn.Module):
     def no_weight_decay(self) -> set[str]:
         """Names without weight decay (besides biases and norms)."""
         return {f"encoder.{n}" for n in self.encoder.no_weight_decay()} | {
-            "decoder.mask_token", "decoder.decoder_pos_embed"}
+            "decoder.mask_token",
+            "decoder.decoder_pos_embed",
+        }
 
-    def forward_encoder(self, imgs: torch.Tensor, mask_ratio: float,
-                        generator: torch.Generator | None = None):
+    def forward_encoder(
+        self, imgs: torch.Tensor, mask_ratio: float, generator: torch.Generator | None = None
+    ):
         """imgs: (B, 3, H, W) -> latent (B, 1+K, D), mask (B, L), ids_restore (B, L), grid (h, w)."""
         tokens, grid = self.encoder.patch_tokens(imgs)
         kept, mask, ids_restore = random_masking(tokens, mask_ratio, generator)
@@ -156,8 +179,9 @@ class MaskedAutoencoder(nn.Module):
         per_patch = (pred.float() - self.target(imgs).float()).pow(2).mean(dim=-1)
         return (per_patch * mask).sum() / mask.sum().clamp(min=1)
 
-    def forward(self, imgs: torch.Tensor, mask_ratio: float | None = None,
-                generator: torch.Generator | None = None):
+    def forward(
+        self, imgs: torch.Tensor, mask_ratio: float | None = None, generator: torch.Generator | None = None
+    ):
         """imgs: (B, 3, H, W) with H, W divisible by the patch size.
 
         Returns loss (scalar), pred (B, L, p*p*3), mask (B, L) with 1 = masked.
