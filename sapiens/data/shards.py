@@ -1,0 +1,482 @@
+"""Shard specs -> URL lists, and WebDataset train / eval pipelines that yield collated batches.
+
+Stream per DataLoader worker (rank r of world W, worker w of N):
+shard urls -> tar samples (webdataset tar iterator; tar-level errors warned, counted, skipped)
+-> sample shuffle buffer -> reader (decode; corrupt samples warned, counted, skipped)
+-> ``sample_transform`` (dict, list of dicts flattened, or None to drop) -> batches, collated
+inside the worker, each carrying ``num_skipped`` (int64 scalar tensor: samples/tars skipped by
+that worker since its previous batch).
+
+Epochs (train): the loader yields exactly ``epoch_length`` batches per rank and epoch; worker w
+yields ``epoch_length // N`` batches plus one if ``w < epoch_length % N``, so the total does not
+scale with ``num_workers`` (webdataset issue #303) and every rank yields the same count (no DDP
+hang on uneven shards). Worker streams never run dry: ``resampled`` draws shards with
+replacement (like webdataset's ResampledShards, seeded per rank, worker and epoch), otherwise
+the shard list is reshuffled (same order on every rank), split by rank then by worker, and
+repeated. All randomness comes from (seed, epoch, rank, worker), so a run resumed at epoch e
+sees the same stream as the original epoch e: a transform with a ``reseed(seed)`` method is
+reseeded at each epoch start, and worker processes also seed ``random``, ``numpy.random`` and
+``torch``. Skips are logged for the first 5 per worker, then at most once a minute.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import os
+import random
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+import braceexpand
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset.tariterators import tarfile_samples
+
+from sapiens.data.collate import collate_dicts
+from sapiens.data.readers import CorruptSampleError, get_reader
+
+log = logging.getLogger(__name__)
+REMOTE_PREFIXES = ("http://", "https://", "pipe:", "s3://", "gs://", "ais://", "hf://")
+
+
+def _expand_one(spec: str, base: Path | None) -> list[str]:
+    spec = spec.strip()
+    if spec.startswith(REMOTE_PREFIXES):
+        return list(braceexpand.braceexpand(spec)) if not spec.startswith("pipe:") else [spec]
+    path = Path(spec.removeprefix("file:")).expanduser()
+    if base is not None and not path.is_absolute():
+        path = base / path
+    if path.suffix == ".txt" and path.is_file():
+        lines = [ln.strip() for ln in path.read_text().splitlines()]
+        urls = []
+        for line in lines:
+            if line and not line.startswith("#"):
+                urls.extend(_expand_one(line, path.parent))
+        return urls
+    if path.is_dir():
+        return [str(p) for p in sorted(path.glob("*.tar"))]
+    return list(braceexpand.braceexpand(str(path)))
+
+
+def expand_shards(spec: str | Sequence[str], check_local: bool = True) -> list[str]:
+    """Turn a shard spec into a list of shard URLs.
+
+    Accepted: a brace pattern (``/data/shard-{000000..000099}.tar``); several specs joined by
+    ``::`` or given as a list; a ``.txt`` file with one spec per line (``#`` comments; relative
+    paths are relative to the file's folder); a folder (all ``*.tar`` in it); ``http(s)://``,
+    ``s3://``... URLs (braces expanded) and ``pipe:`` commands, passed through unchecked.
+
+    Raises:
+        ValueError: the spec expands to no shard at all.
+        FileNotFoundError: local shards are missing (says which pattern, how many, first few).
+    """
+    specs = spec.split("::") if isinstance(spec, str) else list(spec)
+    urls: list[str] = []
+    for one in specs:
+        if not isinstance(one, (str, os.PathLike)):
+            raise ValueError(f"shard spec entries must be strings, got {type(one).__name__}")
+        expanded = _expand_one(str(one), None)
+        if not expanded:
+            raise ValueError(f"shard spec {str(one)!r} matches no shard (empty list file/folder?)")
+        if check_local:
+            local = [u.removeprefix("file:") for u in expanded if not u.startswith(REMOTE_PREFIXES)]
+            missing = [u for u in local if not os.path.isfile(u)]
+            if missing:
+                raise FileNotFoundError(
+                    f"shard spec {str(one)!r}: {len(missing)} of {len(expanded)} shards are "
+                    f"missing, e.g. {missing[:3]}"
+                )
+        urls.extend(expanded)
+    if not urls:
+        raise ValueError(f"shard spec {spec!r} is empty")
+    return urls
+
+
+def derive_seed(*parts: int) -> int:
+    """A 32-bit seed mixing all ``parts`` (e.g. seed, epoch, rank, worker) well."""
+    return int(np.random.SeedSequence([int(p) % 2**32 for p in parts]).generate_state(1)[0])
+
+
+def dist_info(rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
+    """(rank, world size): explicit values, else torch.distributed, else RANK/WORLD_SIZE env."""
+    if rank is not None and world_size is not None:
+        return rank, world_size
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+class _Tally:
+    """Counts skipped samples/tars of one worker iteration; warns the first few, then at most
+    once per ``interval_s`` (with how many were silenced) so a bad shard cannot flood the log.
+    ``max_streak`` skips without a good sample in between mean the data is unusable: raise
+    instead of spinning forever on an infinite stream."""
+
+    def __init__(self, max_streak: int, first: int = 5, interval_s: float = 60.0):
+        self.max_streak, self.first, self.interval_s = max_streak, first, interval_s
+        self.total, self.pending, self.silenced, self.last, self.streak = 0, 0, 0, 0.0, 0
+
+    def good(self) -> None:
+        self.streak = 0
+
+    def skip(self, message: str) -> None:
+        self.total += 1
+        self.pending += 1
+        self.streak += 1
+        if self.streak >= self.max_streak:
+            raise RuntimeError(
+                f"{self.streak} samples/shards in a row were skipped, the data looks unusable; "
+                f"last: {message}"
+            )
+        now = time.monotonic()
+        if self.total <= self.first or now - self.last >= self.interval_s:
+            extra = f" (+{self.silenced} similar warnings silenced)" if self.silenced else ""
+            log.warning("skipping: %s%s [%d skipped in this worker]", message, extra, self.total)
+            self.last, self.silenced = now, 0
+        else:
+            self.silenced += 1
+
+    def take(self) -> int:
+        """Skips since the previous call."""
+        pending, self.pending = self.pending, 0
+        return pending
+
+
+def _shuffled(items: Iterable[Any], bufsize: int, rng: random.Random) -> Iterator[Any]:
+    buffer: list[Any] = []
+    for item in items:
+        if len(buffer) < bufsize:
+            buffer.append(item)
+            continue
+        index = rng.randrange(bufsize)
+        yield buffer[index]
+        buffer[index] = item
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+class ShardStream(IterableDataset):
+    """Per-worker sample stream over shards, batched and collated inside the worker.
+
+    Built by :func:`build_train_pipeline` / :func:`build_eval_pipeline`; iterate it through
+    :class:`ShardLoader`. ``mode`` is ``"resampled"`` or ``"shuffled"`` (infinite, per-worker
+    batch quota from ``epoch_length``) or ``"eval"`` (one pass, partial last batch).
+    """
+
+    def __init__(
+        self,
+        urls: list[str],
+        reader: Callable[[dict], dict],
+        sample_transform: Callable[[dict], Any] | None,
+        batch_size: int,
+        mode: str,
+        epoch_length: int | None,
+        shuffle_buffer: int,
+        seed: int,
+        rank: int,
+        world_size: int,
+        max_consecutive_bad_shards: int = 64,
+        max_consecutive_skips: int = 10_000,
+    ):
+        super().__init__()
+        self.urls, self.reader, self.sample_transform = urls, reader, sample_transform
+        self.batch_size, self.mode, self.epoch_length = batch_size, mode, epoch_length
+        self.shuffle_buffer, self.seed = shuffle_buffer, seed
+        self.rank, self.world_size = rank, world_size
+        self.max_consecutive_bad_shards = max_consecutive_bad_shards
+        self.max_consecutive_skips = max_consecutive_skips
+        # Shared with worker processes so persistent workers see the new epoch too.
+        self._epoch = mp.Value("q", 0)
+
+    def set_epoch(self, epoch: int) -> None:
+        self._epoch.value = int(epoch)
+
+    # -- shard selection -------------------------------------------------------------------
+    def _worker_shards(self, epoch: int, worker: int, nworkers: int) -> Iterator[str]:
+        if self.mode == "resampled":
+            rng = random.Random(derive_seed(self.seed, epoch, self.rank, worker, 1))
+            while True:
+                yield rng.choice(self.urls)
+        single_pass = self.mode == "eval" or self.epoch_length is None
+        for repeat in range(1 if single_pass else 2**62):
+            order = list(self.urls)
+            if self.mode == "shuffled":  # same permutation on every rank and worker
+                random.Random(derive_seed(self.seed, epoch, repeat, 2)).shuffle(order)
+            mine = order[self.rank :: self.world_size][worker::nworkers]
+            if not mine and self.mode == "shuffled":
+                raise RuntimeError(
+                    f"rank {self.rank} worker {worker}/{nworkers} got no shard out of "
+                    f"{len(self.urls)}: need at least world_size x num_workers shards "
+                    "(or use resampled=True)"
+                )
+            yield from mine
+
+    def _raw_samples(self, shards: Iterator[str], tally: _Tally) -> Iterator[dict]:
+        errors_in_shard = 0
+
+        def on_tar_error(exn: Exception) -> bool:
+            nonlocal errors_in_shard
+            errors_in_shard += 1
+            if errors_in_shard == 1:  # one broken tar can raise several times; count it once
+                tally.skip(f"tar-level error: {exn!r}"[:500])
+            return True  # keep going (webdataset then moves on to the next shard)
+
+        failed: list[str] = []  # consecutive shards that produced nothing
+        for url in shards:
+            produced, errors_in_shard = 0, 0
+            for sample in tarfile_samples([{"url": url}], handler=on_tar_error):
+                produced += 1
+                yield sample
+            failed = [] if produced else [*failed, url]
+            if len(failed) >= self.max_consecutive_bad_shards:
+                raise RuntimeError(
+                    f"rank {self.rank}: {len(failed)} shards in a row yielded no sample "
+                    f"(e.g. {failed[:3]}); the shard list looks unreadable"
+                )
+
+    def _decoded(self, raw: Iterable[dict], tally: _Tally) -> Iterator[dict]:
+        for sample in raw:
+            try:
+                out = self.reader(sample)
+            except CorruptSampleError as err:
+                tally.skip(str(err))
+                continue
+            except Exception as err:  # noqa: BLE001 - decoder libraries raise assorted types
+                tally.skip(f"sample {sample.get('__key__')!r} in {sample.get('__url__')}: {err!r}")
+                continue
+            if self.sample_transform is not None:
+                try:  # only data errors are skipped; any other transform error is a bug
+                    out = self.sample_transform(out)
+                except CorruptSampleError as err:
+                    tally.skip(str(err))
+                    continue
+            tally.good()
+            if out is None:
+                continue
+            yield from out if isinstance(out, list) else [out]
+
+    def _batches(self, samples: Iterable[dict], tally: _Tally) -> Iterator[dict]:
+        def collate(batch: list[dict]) -> dict:
+            out = collate_dicts(batch)
+            out["num_skipped"] = torch.tensor(tally.take(), dtype=torch.int64)
+            return out
+
+        batch: list[dict] = []
+        for sample in samples:
+            if len(batch) == self.batch_size:  # emit lazily so num_skipped sees trailing skips
+                yield collate(batch)
+                batch = []
+            batch.append(sample)
+        if batch and (len(batch) == self.batch_size or self.mode == "eval"):
+            yield collate(batch)
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        worker, nworkers = (info.id, info.num_workers) if info is not None else (0, 1)
+        epoch = int(self._epoch.value)
+        transform_seed = derive_seed(self.seed, epoch, self.rank, worker, 3)
+        if info is not None:  # worker processes: make global RNGs per-worker and reproducible
+            random.seed(transform_seed)
+            np.random.seed(transform_seed)
+            torch.manual_seed(transform_seed)
+        if hasattr(self.sample_transform, "reseed"):
+            self.sample_transform.reseed(transform_seed)
+        tally = _Tally(self.max_consecutive_skips)
+        raw = self._raw_samples(self._worker_shards(epoch, worker, nworkers), tally)
+        if self.mode != "eval" and self.shuffle_buffer > 1:
+            rng = random.Random(derive_seed(self.seed, epoch, self.rank, worker, 4))
+            raw = _shuffled(raw, self.shuffle_buffer, rng)
+        batches = self._batches(self._decoded(raw, tally), tally)
+        if self.epoch_length is None:  # eval, or one shuffled pass
+            return batches
+        quota = self.epoch_length // nworkers + int(worker < self.epoch_length % nworkers)
+        return islice(batches, quota)
+
+
+class ShardLoader:
+    """Iterable of collated batch dicts over a :class:`ShardStream` (a thin DataLoader wrapper).
+
+    ``len()`` is the batches per epoch for train loaders (``epoch_length``); eval loaders have no
+    length (one pass over the shards of this rank). Each ``iter()`` starts an epoch: the epoch
+    number comes from ``epoch_fn()`` when given (the DataModule passes the trainer's
+    ``current_epoch``), else from :meth:`set_epoch`, advancing by one after every iteration.
+    """
+
+    def __init__(
+        self,
+        stream: ShardStream,
+        num_workers: int,
+        pin_memory: bool = False,
+        persistent_workers: bool = False,
+        prefetch_factor: int | None = None,
+        epoch_fn: Callable[[], int] | None = None,
+    ):
+        self.stream = stream
+        self.epoch_fn = epoch_fn
+        self.epoch = 0
+        self.loader = DataLoader(
+            stream,
+            batch_size=None,  # batches are built inside the workers
+            num_workers=num_workers,
+            pin_memory=pin_memory,
+            persistent_workers=persistent_workers and num_workers > 0,
+            prefetch_factor=prefetch_factor if num_workers > 0 else None,
+        )
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def close(self) -> None:
+        """Stop persistent worker processes now instead of at garbage collection (where torch's
+        shutdown can stall for seconds per worker)."""
+        iterator = getattr(self.loader, "_iterator", None)  # torch keeps persistent workers here
+        self.loader._iterator = None
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
+
+    def __len__(self) -> int:
+        if self.stream.epoch_length is None:
+            raise TypeError("an eval ShardLoader has no length (one pass over its shards)")
+        return self.stream.epoch_length
+
+    def __iter__(self) -> Iterator[dict]:
+        epoch = self.epoch_fn() if self.epoch_fn is not None else self.epoch
+        if self.epoch_fn is None:
+            self.epoch += 1
+        self.stream.set_epoch(epoch)
+        count = 0
+        for batch in self.loader:
+            count += 1
+            yield batch
+        expected = self.stream.epoch_length
+        if count == 0 or (expected is not None and count != expected):
+            raise RuntimeError(
+                f"rank {self.stream.rank}: the {self.stream.mode} pipeline over "
+                f"{len(self.stream.urls)} shards (first: {self.stream.urls[0]}) yielded {count} "
+                f"batches, expected {expected or 'at least 1'}; all samples corrupt or skipped? "
+                "(see the 'skipping:' warnings)"
+            )
+
+
+def _check_common(batch_size: int, num_workers: int) -> None:
+    if int(batch_size) < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if int(num_workers) < 0:
+        raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+
+
+def build_train_pipeline(
+    shards: str | Sequence[str],
+    batch_size: int,
+    epoch_length: int | None,
+    reader: str | Callable[[dict], dict] = "pretrain",
+    sample_transform: Callable[[dict], Any] | None = None,
+    *,
+    resampled: bool = True,
+    shuffle_buffer: int = 1000,
+    num_workers: int = 2,
+    seed: int = 0,
+    rank: int | None = None,
+    world_size: int | None = None,
+    epoch_fn: Callable[[], int] | None = None,
+    pin_memory: bool = False,
+    persistent_workers: bool = False,
+    prefetch_factor: int | None = None,
+    max_consecutive_bad_shards: int = 64,
+    max_consecutive_skips: int = 10_000,
+) -> ShardLoader:
+    """Training loader yielding exactly ``epoch_length`` batches per rank and epoch.
+
+    Args:
+        shards: spec for :func:`expand_shards`.
+        batch_size: samples per batch on this rank (full batches only).
+        epoch_length: batches per rank and epoch (same on every rank). ``None`` is only
+            allowed without resampling on a single rank: then an epoch is one shuffled pass over
+            all shards, each worker dropping its last partial batch.
+        reader: name in ``readers.READERS`` or a callable raw sample -> dict.
+        sample_transform: decoded dict -> dict | list[dict] | None (None drops the sample).
+        resampled: draw shards with replacement (seeded per rank and worker); otherwise shuffle
+            the shard list per epoch, split by rank then worker (needs at least
+            ``world_size * max(1, num_workers)`` shards) and repeat it.
+        shuffle_buffer: raw samples held per worker for shuffling (<= 1 disables).
+        rank, world_size: default from torch.distributed, else RANK / WORLD_SIZE, else 0 / 1.
+        epoch_fn: returns the epoch at each ``iter()`` (else see :class:`ShardLoader`).
+        max_consecutive_bad_shards, max_consecutive_skips: a worker raises RuntimeError after
+            this many shards in a row gave no sample / this many skips in a row, instead of
+            spinning forever on an unreadable shard list.
+
+    Returns:
+        A :class:`ShardLoader`; batches are dicts from ``collate.collate_dicts`` plus
+        ``num_skipped`` (int64 scalar tensor).
+    """
+    _check_common(batch_size, num_workers)
+    rank, world_size = dist_info(rank, world_size)
+    if epoch_length is None and (resampled or world_size > 1):
+        raise ValueError(
+            "epoch_length (batches per rank per epoch) is required with resampled=True or more "
+            f"than one rank (world_size={world_size}): nominal epochs keep ranks in step"
+        )
+    if epoch_length is not None and int(epoch_length) < 1:
+        raise ValueError(f"epoch_length must be >= 1, got {epoch_length}")
+    urls = expand_shards(shards)
+    if not resampled and len(urls) < world_size * max(1, num_workers):
+        raise ValueError(
+            f"{len(urls)} shards cannot be split over {world_size} ranks x {max(1, num_workers)} "
+            "workers without resampling; use resampled=True, fewer workers or more shards"
+        )
+    stream = ShardStream(
+        urls,
+        get_reader(reader),
+        sample_transform,
+        int(batch_size),
+        mode="resampled" if resampled else "shuffled",
+        epoch_length=None if epoch_length is None else int(epoch_length),
+        shuffle_buffer=int(shuffle_buffer),
+        seed=int(seed),
+        rank=rank,
+        world_size=world_size,
+        max_consecutive_bad_shards=max_consecutive_bad_shards,
+        max_consecutive_skips=max_consecutive_skips,
+    )
+    return ShardLoader(stream, num_workers, pin_memory, persistent_workers, prefetch_factor, epoch_fn)
+
+
+def build_eval_pipeline(
+    shards: str | Sequence[str],
+    batch_size: int,
+    reader: str | Callable[[dict], dict] = "pretrain",
+    sample_transform: Callable[[dict], Any] | None = None,
+    *,
+    num_workers: int = 2,
+    rank: int | None = None,
+    world_size: int | None = None,
+    pin_memory: bool = False,
+    persistent_workers: bool = False,
+    prefetch_factor: int | None = None,
+) -> ShardLoader:
+    """One ordered pass over this rank's shards (``shards[rank::world][worker::workers]``),
+    partial last batch kept. Every sample is seen exactly once across ranks and workers; ranks
+    may get different batch counts when shards are uneven (mind collectives in validation)."""
+    _check_common(batch_size, num_workers)
+    rank, world_size = dist_info(rank, world_size)
+    urls = expand_shards(shards)
+    if len(urls) < world_size:
+        raise ValueError(f"eval needs at least one shard per rank: {len(urls)} shards for {world_size} ranks")
+    stream = ShardStream(
+        urls,
+        get_reader(reader),
+        sample_transform,
+        int(batch_size),
+        mode="eval",
+        epoch_length=None,
+        shuffle_buffer=0,
+        seed=0,
+        rank=rank,
+        world_size=world_size,
+    )
+    return ShardLoader(stream, num_workers, pin_memory, persistent_workers, prefetch_factor)
