@@ -84,7 +84,8 @@ class ScheduleConfig:
     """A per-step lr multiplier: linear warm-up then ``kind``.
 
     kind: ``cosine`` (to ``min_lr_ratio``), ``poly`` (power ``power`` to ``min_lr_ratio``), ``multistep``
-    (times ``gamma`` at each step in ``milestones``) or ``constant``.
+    (times ``gamma`` at each step in ``milestones`` and at each fraction of the run in
+    ``milestone_fractions``, e.g. [0.81, 0.95] for the published epochs 170 and 200 of 210) or ``constant``.
     """
 
     kind: str = "cosine"
@@ -93,6 +94,7 @@ class ScheduleConfig:
     min_lr_ratio: float = 0.0
     power: float = 1.0
     milestones: list[int] = field(default_factory=list)
+    milestone_fractions: list[float] = field(default_factory=list)
     gamma: float = 0.1
 
     def __post_init__(self):
@@ -107,7 +109,8 @@ class ScheduleConfig:
         if self.kind == "constant":
             return 1.0
         if self.kind == "multistep":
-            return self.gamma ** sum(step >= m for m in self.milestones)
+            marks = [*self.milestones, *(f * total_steps for f in self.milestone_fractions)]
+            return self.gamma ** sum(step >= m for m in marks)
         span = max(1, total_steps - self.warmup_steps)
         progress = min(1.0, (step - self.warmup_steps) / span)
         if self.kind == "cosine":

@@ -40,3 +40,26 @@ def save_png(image: np.ndarray, path: str | Path) -> Path:
     if not cv2.imwrite(str(path), cv2.cvtColor(image, cv2.COLOR_RGB2BGR)):
         raise OSError(f"could not write {path}")
     return path
+
+
+def blend(image: np.ndarray, overlay: np.ndarray, alpha: float = 0.6) -> np.ndarray:
+    """Alpha-blend an (H, W, 3) uint8 ``overlay`` over ``image``."""
+    return (image * (1 - alpha) + overlay * alpha).astype(np.uint8)
+
+
+def colorize(values: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """(H, W) float -> (H, W, 3) uint8 with a perceptual colormap, min-max over ``mask``; black outside."""
+    out = np.zeros((*values.shape, 3), np.uint8)
+    if mask.any():
+        v = values[mask]
+        scaled = np.clip((values - v.min()) / max(float(v.max() - v.min()), 1e-8), 0, 1)
+        mapped = cv2.applyColorMap((scaled * 255).astype(np.uint8), cv2.COLORMAP_TURBO)
+        out[mask] = cv2.cvtColor(mapped, cv2.COLOR_BGR2RGB)[mask]
+    return out
+
+
+def normals_to_rgb(normals: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """(3, H, W) unit normals -> (H, W, 3) uint8 RGB = (n + 1) / 2; black outside ``mask``."""
+    rgb = ((normals.transpose(1, 2, 0) + 1) * 127.5).clip(0, 255).astype(np.uint8)
+    rgb[~mask.astype(bool)] = 0
+    return rgb

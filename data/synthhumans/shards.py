@@ -1,0 +1,70 @@
+"""Build a ready-to-train SynthHumans root: raw train/val splits and the shards of all five tasks.
+
+    python -m data.synthhumans.shards --root datasets/synthhumans --train 800 --val 120
+
+Layout written (what ``conf/data/synthhumans.yaml`` reads):
+    <root>/raw/{train,val}/...                       images, annotations, segs, depths, normals, masks
+    <root>/shards/{pretrain,pose,seg,depth,normal}/{train,val}/shard-NNNNNN.tar
+A split that already has its shards is left alone, so re-running is cheap.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from data.converters.coco import convert_coco
+from data.converters.dense import convert_dense
+from data.converters.images import convert_images
+from data.converters.seg import convert_seg
+from data.synthhumans.writer import generate_dataset
+
+READERS = ("pretrain", "pose", "seg", "depth", "normal")
+
+
+def build_split(root: Path, split: str, num: int, seed: int, height: int, width: int,
+                max_count: int = 64, progress: bool = True) -> dict[str, Path]:
+    """Generate ``num`` images for ``split`` and write the shards of every task; returns shard folders."""
+    raw = root / "raw" / split
+    shards = {r: root / "shards" / r / split for r in READERS}
+    if all(any(p.glob("*.tar")) for p in shards.values() if p.exists()) and all(
+            p.exists() for p in shards.values()):
+        return shards
+    if not (raw / "annotations" / "person_keypoints.json").exists():
+        generate_dataset(raw, num, seed=seed, height=height, width=width, progress=progress)
+    opts = {"max_count": max_count, "overwrite": True, "progress": False}
+    convert_images(raw / "images", shards["pretrain"], **opts)
+    convert_coco(raw / "annotations" / "person_keypoints.json", raw / "images", shards["pose"],
+                 keypoint_set="body17", **opts)
+    convert_seg(raw / "images", raw / "segs", shards["seg"], **opts)
+    convert_dense("depth", raw / "images", raw / "depths", shards["depth"], masks=raw / "masks", **opts)
+    convert_dense("normal", raw / "images", raw / "normals", shards["normal"], masks=raw / "masks", **opts)
+    return shards
+
+
+def build(root: str | Path, num_train: int = 800, num_val: int = 120, seed: int = 0, height: int = 256,
+          width: int = 192, progress: bool = True) -> Path:
+    """Both splits (different seeds, so validation images are unseen) under ``root``; returns root."""
+    root = Path(root)
+    start = time.perf_counter()
+    build_split(root, "train", num_train, seed, height, width, progress=progress)
+    build_split(root, "val", num_val, seed + 1_000_003, height, width, progress=progress)
+    print(f"SynthHumans ready in {root} ({time.perf_counter() - start:.0f} s)")
+    return root
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--root", default="datasets/synthhumans")
+    parser.add_argument("--train", type=int, default=800, help="training images")
+    parser.add_argument("--val", type=int, default=120, help="validation images")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--height", type=int, default=256)
+    parser.add_argument("--width", type=int, default=192)
+    args = parser.parse_args(argv)
+    build(args.root, args.train, args.val, args.seed, args.height, args.width)
+
+
+if __name__ == "__main__":
+    main()

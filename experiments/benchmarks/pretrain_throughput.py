@@ -1,0 +1,272 @@
+"""Training-step throughput of MAE pretraining (or pose fine-tuning) and its share of the device peak.
+
+    python -m experiments.benchmarks.pretrain_throughput --model vit_small --height 256 --width 192 \
+        --batch 16 --steps 10 --warmup 2 --device cpu
+    python -m experiments.benchmarks.pretrain_throughput --task finetune --model sapiens_0.3b ...
+
+A timed step is a full optimisation step: forward, loss, backward and ``AdamW.step`` on random
+normalised images (data loading is not included; see ``data_pipeline.py`` for that).
+
+FLOPs are counted analytically as *model* FLOPs (what the maths needs; recomputation under
+activation checkpointing is not counted, as in the usual MFU definition), matmuls and convs only:
+
+    block(N, d)   = N (4 + 2r) d^2 + 2 N^2 d       multiply-adds of one ViT block on N tokens of
+                                                   width d (qkv 3d^2, proj d^2, MLP 2 r d^2 per token,
+                                                   q k^T and attn v: N^2 d each)
+    MAE forward   = L 3p^2 D                       patch embed (all L patches, before masking)
+                  + depth  * block(K + 1, D)       encoder on the K = int(L (1 - mask)) visible
+                                                   tokens + cls
+                  + (K + 1) D Dd                   decoder embed
+                  + ddepth * block(L + 1, Dd)      decoder on all tokens + cls
+                  + (L + 1) Dd 3p^2                pixel prediction
+    pose forward  = T 3p^2 D + depth * block(T, D) + head (deconv k4 s2: h_in w_in C_in C_out 16;
+                                                   1x1 conv: h w C_in C_out; final: h w C K)
+    step FLOPs    = 3 x 2 x forward multiply-adds  (backward = 2 x forward)
+
+``--flop-check`` also counts one step with ``torch.utils.flop_counter.FlopCounterMode`` and prints
+the ratio (close to 1 when the formula covers the model).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+from torch import nn
+
+from experiments.benchmarks._common import (
+    cpu_matmul_peak,
+    device_peak,
+    load_backbone_shape,
+    si,
+    synchronize,
+    time_steps,
+)
+from sapiens.models.mae import MaskedAutoencoder
+from sapiens.models.vit import VisionTransformer
+
+POSE_PATCH_PADDING = 2  # published pose backbones pad the patch conv by 2 (grid unchanged)
+
+
+def block_macs(tokens: int, dim: int, mlp_ratio: float) -> int:
+    """Multiply-adds of one transformer block on ``tokens`` tokens of width ``dim``."""
+    return int(tokens * (4 + 2 * mlp_ratio) * dim * dim + 2 * tokens * tokens * dim)
+
+
+def mae_forward_macs(
+    shape: dict, height: int, width: int, mask_ratio: float, decoder: tuple[int, int, int]
+) -> int:
+    """Forward multiply-adds of :class:`MaskedAutoencoder` for ONE image (formula in the docstring).
+
+    Args:
+        shape: backbone dict (embed_dim, depth, patch_size, mlp_ratio).
+        decoder: (dim, depth, heads) of the MAE decoder.
+    """
+    p, d, r = shape.get("patch_size", 16), shape["embed_dim"], shape.get("mlp_ratio", 4.0)
+    patches = (height // p) * (width // p)
+    kept = max(1, int(patches * (1 - mask_ratio)))
+    dd, ddepth = decoder[0], decoder[1]
+    return (
+        patches * 3 * p * p * d
+        + shape["depth"] * block_macs(kept + 1, d, r)
+        + (kept + 1) * d * dd
+        + ddepth * block_macs(patches + 1, dd, 4.0)
+        + (patches + 1) * dd * 3 * p * p
+    )
+
+
+def pose_forward_macs(
+    shape: dict, height: int, width: int, keypoints: int, deconv: list[int], conv: list[int]
+) -> int:
+    """Forward multiply-adds of backbone + ``HeatmapHead`` for ONE image (no cls token)."""
+    p, d, r = shape.get("patch_size", 16), shape["embed_dim"], shape.get("mlp_ratio", 4.0)
+    h = (height + 2 * POSE_PATCH_PADDING - p) // p + 1
+    w = (width + 2 * POSE_PATCH_PADDING - p) // p + 1
+    macs = h * w * 3 * p * p * d + shape["depth"] * block_macs(h * w, d, r)
+    channels = d
+    for out in deconv:
+        macs += h * w * channels * out * 16
+        h, w, channels = 2 * h, 2 * w, out
+    for out in conv:
+        macs += h * w * channels * out
+        channels = out
+    return macs + h * w * channels * keypoints
+
+
+class PoseModel(nn.Module):
+    """Backbone feature map -> heatmaps; the fine-tuning network without the Lightning wiring."""
+
+    def __init__(self, backbone: VisionTransformer, head: nn.Module):
+        super().__init__()
+        self.backbone, self.head = backbone, head
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, K, H', W')."""
+        return self.head(self.backbone(images))
+
+
+def build(args: argparse.Namespace) -> tuple[nn.Module, callable, int]:
+    """Model, a ``loss_fn(model) -> scalar`` closure over fixed random inputs, forward MACs/image."""
+    shape = load_backbone_shape(args.model)
+    common = dict(
+        img_size=(args.height, args.width),
+        patch_size=shape.get("patch_size", 16),
+        embed_dim=shape["embed_dim"],
+        depth=shape["depth"],
+        num_heads=shape["num_heads"],
+        mlp_ratio=shape.get("mlp_ratio", 4.0),
+        grad_checkpointing=args.grad_checkpointing,
+    )
+    images = torch.randn(args.batch, 3, args.height, args.width, device=args.device)
+    if args.task == "pretrain":
+        encoder = VisionTransformer(**common, pos_embed="sincos", cls_token=True)
+        decoder = (args.decoder_dim, args.decoder_depth, args.decoder_heads)
+        model = MaskedAutoencoder(encoder, *decoder, mask_ratio=args.mask_ratio)
+        macs = mae_forward_macs(shape, args.height, args.width, args.mask_ratio, decoder)
+        return model, lambda m: m(images)[0], macs
+    try:
+        from sapiens.models.heads import HeatmapHead
+    except ImportError as err:
+        raise SystemExit(f"--task finetune needs sapiens.models.heads.HeatmapHead: {err}") from None
+    backbone = VisionTransformer(
+        **common, pos_embed="learned", cls_token=False, patch_padding=POSE_PATCH_PADDING
+    )
+    deconv, conv = [args.head_channels] * 2, [args.head_channels] * 2
+    head = HeatmapHead(backbone.embed_dim, args.keypoints, deconv, conv)
+    model = PoseModel(backbone, head)
+    with torch.no_grad():
+        out_shape = model.to(args.device)(images[:1]).shape
+    target = torch.rand(args.batch, *out_shape[1:], device=args.device)
+    macs = pose_forward_macs(shape, args.height, args.width, args.keypoints, deconv, conv)
+    return model, lambda m: nn.functional.mse_loss(m(images), target), macs
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m experiments.benchmarks.pretrain_throughput",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--task", choices=["pretrain", "finetune"], default="pretrain")
+    parser.add_argument("--model", default="vit_small", help="a conf/model/<name>.yaml")
+    parser.add_argument("--height", type=int, default=1024)
+    parser.add_argument("--width", type=int, default=1024)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--mask-ratio", type=float, default=0.75)
+    parser.add_argument("--decoder-dim", type=int, default=512)
+    parser.add_argument("--decoder-depth", type=int, default=8)
+    parser.add_argument("--decoder-heads", type=int, default=16)
+    parser.add_argument("--keypoints", type=int, default=308, help="finetune: heatmap channels K")
+    parser.add_argument("--head-channels", type=int, default=768, help="finetune: head width")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument(
+        "--dtype",
+        choices=["fp32", "bf16"],
+        default="fp32",
+        help="bf16 = autocast (weights and AdamW stay fp32)",
+    )
+    parser.add_argument("--grad-checkpointing", action="store_true")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model")
+    parser.add_argument(
+        "--flop-check", action="store_true", help="also count one step with torch.utils.flop_counter"
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    patch = load_backbone_shape(args.model).get("patch_size", 16)
+    if args.height % patch or args.width % patch:
+        parser.error(f"--height/--width must be multiples of the patch size {patch}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda but torch.cuda.is_available() is False")
+    if args.batch < 1:
+        parser.error("--batch must be >= 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    """Run the benchmark, print a summary and return its figures."""
+    args = parse_args(argv)
+    torch.manual_seed(args.seed)
+    device = torch.device(args.device)
+    model, loss_fn, macs = build(args)
+    model = model.to(device).train()
+    params = sum(p.numel() for p in model.parameters())
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05)
+    runner = torch.compile(model) if args.compile else model
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=dtype, enabled=args.dtype == "bf16"):
+            loss = loss_fn(runner)
+        loss.backward()
+        optimizer.step()
+
+    # On a shared CPU the matmul peak is measured before and after the timed steps and the higher
+    # value kept, so that a burst of foreign load does not inflate the fraction of peak.
+    peak_before = cpu_matmul_peak() if device.type == "cpu" else 0.0
+    seconds = time_steps(step, args.steps, args.warmup, device)
+    step_flops = 3 * 2 * macs * args.batch
+    achieved = step_flops / seconds
+    peak, peak_source = device_peak(device, args.dtype)
+    if peak is not None:
+        peak = max(peak, peak_before)
+    results = {
+        "seconds_per_step": seconds,
+        "images_per_s": args.batch / seconds,
+        "step_flops": float(step_flops),
+        "flops_per_s": achieved,
+        "peak_flops_per_s": peak or float("nan"),
+        "peak_fraction": achieved / peak if peak else float("nan"),
+    }
+    where = device.type if device.type == "cpu" else torch.cuda.get_device_name(device)
+    print(
+        f"task: {args.task}  model: {args.model} ({params / 1e6:.1f} M params)  "
+        f"image: {args.height}x{args.width}  batch: {args.batch}  dtype: {args.dtype}  "
+        f"grad_checkpointing: {args.grad_checkpointing}  compile: {args.compile}"
+    )
+    if args.task == "pretrain":
+        print(
+            f"mask_ratio: {args.mask_ratio}  decoder: {args.decoder_dim}/{args.decoder_depth}/"
+            f"{args.decoder_heads}"
+        )
+    print(
+        f"device: {where}  threads: {torch.get_num_threads()}  steps: {args.steps} (+{args.warmup} warm-up)"
+    )
+    print(f"seconds/step: {seconds:.4f}")
+    print(f"images/s: {results['images_per_s']:.4g}")
+    print(f"model FLOPs/step (analytic, 3 x 2 x MACs): {si(step_flops, 'FLOP')}")
+    print(f"achieved: {si(achieved, 'FLOP/s')}")
+    if peak:
+        print(f"peak: {si(peak, 'FLOP/s')} ({peak_source})")
+        print(f"fraction of peak: {100 * results['peak_fraction']:.3g} %")
+    else:
+        print(f"peak: unknown ({peak_source})")
+    if args.flop_check:
+        from torch.utils.flop_counter import FlopCounterMode
+
+        counter = FlopCounterMode(display=False)
+        with counter:
+            step()
+        synchronize(device)
+        counted = counter.get_total_flops()
+        results["flop_counter_ratio"] = counted / step_flops
+        print(
+            f"FlopCounterMode FLOPs/step: {si(counted, 'FLOP')} "
+            f"(counted / analytic = {counted / step_flops:.3f})"
+        )
+        print(
+            "  (the counter has no formula for the CPU flash-attention kernel, so on CPU it misses "
+            "the attention matmuls; with --grad-checkpointing it adds the recomputed forward)"
+        )
+    return results
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (FileNotFoundError, ValueError) as err:
+        sys.exit(f"error: {err}")

@@ -1,0 +1,109 @@
+"""Fine-tuning LightningModule: a Sapiens backbone + one task (pose, seg, depth or normal).
+
+Wiring only: the backbone turns images into a (B, C, H/16, W/16) feature map, the task
+(:mod:`sapiens.tasks`) owns the head, loss, decoding, metrics and pictures.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from lightning.pytorch.loggers import WandbLogger
+
+from sapiens.checkpoints import load_backbone_state
+from sapiens.lit.base import SapiensModule
+from sapiens.models.vit import VisionTransformer
+from sapiens.tasks.base import Task
+from sapiens.visualize import save_png
+
+log = logging.getLogger(__name__)
+
+
+class FinetuneModule(SapiensModule):
+    """Backbone + task head trained end to end with layer-wise lr decay.
+
+    Args:
+        backbone: :class:`VisionTransformer` kwargs (embed_dim, depth, num_heads, patch_size, ...).
+        task_head: ``fn(in_channels=..., image_size=...) -> Task`` (a Hydra partial of a task class).
+        image_size: (H, W) of the inputs (1024 x 768 published).
+        patch_padding: patch-embed conv padding (2 for pose and normals, 0 for seg and depth).
+        init_from: a pretraining checkpoint: ours (Lightning ``.ckpt``), a published ``sapiens_*_clean.pth``
+            or a consolidated ZeRO fp32 file. None trains from random initialisation.
+        drop_path_rate: stochastic depth (0 in every published config).
+        grad_checkpointing: activation checkpointing in every block.
+        num_pictures: validation samples drawn in the prediction picture (0 = none).
+        optimizer, schedule, batch_size, max_consecutive_nonfinite: see :class:`SapiensModule`.
+    """
+
+    def __init__(
+        self,
+        backbone: dict,
+        task_head: Callable[..., Task],
+        image_size: tuple[int, int] = (1024, 768),
+        patch_padding: int = 0,
+        init_from: str | None = None,
+        drop_path_rate: float = 0.0,
+        grad_checkpointing: bool = False,
+        num_pictures: int = 4,
+        optimizer: dict | None = None,
+        schedule: dict | None = None,
+        batch_size: int = 1,
+        max_consecutive_nonfinite: int = 20,
+    ):
+        super().__init__(optimizer, schedule, batch_size, max_consecutive_nonfinite)
+        self.save_hyperparameters(ignore=["task_head"])
+        self.backbone = VisionTransformer(
+            img_size=tuple(image_size), pos_embed="learned", cls_token=False, patch_padding=patch_padding,
+            drop_path_rate=drop_path_rate, grad_checkpointing=grad_checkpointing, **backbone,
+        )
+        self.task = task_head(in_channels=self.backbone.embed_dim, image_size=tuple(image_size))
+        self.init_report = load_backbone_state(self.backbone, init_from) if init_from else None
+        self.num_pictures = num_pictures
+        self._picture_batch: tuple[dict, torch.Tensor] | None = None
+
+    def param_group_args(self) -> dict:
+        return {"backbone": self.backbone, "backbone_prefix": "backbone."}
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """images (B, 3, H, W) -> the task head's raw output."""
+        return self.task(self.backbone(images))
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss = self.task.loss(self(batch["image"]), batch)
+        self.log("train/loss", loss.detach(), on_step=True, prog_bar=True, batch_size=batch["image"].shape[0])
+        return self.guard_loss(loss)
+
+    def on_validation_epoch_start(self) -> None:
+        self.task.prepare_validation(self.trainer.datamodule)
+        self._picture_batch = None
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        outputs = self.task.predict(self, batch)
+        self.log("val/loss", self.task.loss(outputs, batch), on_epoch=True, sync_dist=True,
+                 batch_size=batch["image"].shape[0])
+        self.task.update_metrics(outputs, batch)
+        if batch_idx == 0 and self.num_pictures:
+            self._picture_batch = (batch, outputs.detach())
+
+    def on_validation_epoch_end(self) -> None:
+        metrics = self.task.compute_metrics()
+        for name, value in metrics.items():
+            self.log(f"val/{name}", value, prog_bar=name in ("AP", "mIoU", "rmse", "mean_angular_error"))
+        self.task.reset_metrics()
+        if self._picture_batch is not None and self.trainer.is_global_zero and not self.trainer.sanity_checking:
+            self.write_picture(*self._picture_batch)
+        self._picture_batch = None
+
+    @torch.no_grad()
+    def write_picture(self, batch: dict, outputs: torch.Tensor) -> Path:
+        """Save ``<run_dir>/predictions/step_XXXXXXX.png`` (and send it to wandb)."""
+        picture = self.task.render(batch, outputs, self.num_pictures)
+        step = self.global_step
+        path = save_png(picture, Path(self.trainer.default_root_dir) / "predictions" / f"step_{step:07d}.png")
+        for logger in self.trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.log_image(f"val/{self.task.name}_predictions", [picture], step=step)
+        return path

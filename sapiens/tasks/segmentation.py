@@ -1,0 +1,82 @@
+"""Body-part segmentation: 28-class logits at stride 2, class-weighted cross-entropy, mIoU / mAcc.
+
+Batches: ``image`` (B, 3, H, W) and ``seg`` (B, H, W) int64 class ids with 255 = ignore.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from sapiens.labels import load_class_list
+from sapiens.losses import GOLIATH_CLASS_WEIGHTS, WeightedCrossEntropy
+from sapiens.metrics.segmentation import SegmentationMetrics
+from sapiens.models.heads import SEG_CONV_CHANNELS, SEG_DECONV_CHANNELS, DenseHead
+from sapiens.tasks.base import Task
+from sapiens.visualize import blend, denormalize, tile
+
+
+class SegmentationTask(Task):
+    """Published ``VitHead`` segmentation with weighted CE (ignore 255).
+
+    Args:
+        in_channels: backbone width.
+        image_size: (H, W) input size (unused; part of the common task signature).
+        class_list: name or YAML path of the classes (goliath_parts28).
+        class_weight: per-class CE weights; ``goliath`` = the published weights, None = uniform.
+        deconv_channels, conv_channels, dropout: head shape (published 768 x3, 768 x3, 0.1).
+    """
+
+    name = "seg"
+
+    def __init__(
+        self,
+        in_channels: int,
+        image_size: Sequence[int] = (1024, 768),
+        class_list: str = "goliath_parts28",
+        class_weight: str | Sequence[float] | None = "goliath",
+        deconv_channels: Sequence[int] = SEG_DECONV_CHANNELS,
+        conv_channels: Sequence[int] = SEG_CONV_CHANNELS,
+        dropout: float = 0.1,
+    ):
+        super().__init__()
+        self.classes = load_class_list(class_list)
+        n = self.classes.num_classes
+        self.head = DenseHead(in_channels, n, tuple(deconv_channels), tuple(conv_channels), dropout)
+        weights = list(GOLIATH_CLASS_WEIGHTS) if class_weight == "goliath" else class_weight
+        if weights is not None and len(weights) != n:
+            raise ValueError(f"class_weight has {len(weights)} entries for {n} classes")
+        self.loss_fn = WeightedCrossEntropy(class_weight=weights, ignore_index=255)
+        self.metric = SegmentationMetrics(n, ignore_index=255, class_names=self.classes.names)
+
+    def loss(self, outputs: torch.Tensor, batch: dict) -> torch.Tensor:
+        return self.loss_fn(outputs, batch["seg"])
+
+    def update_metrics(self, outputs: torch.Tensor, batch: dict) -> None:
+        self.metric.update(outputs, batch["seg"])
+
+    def compute_metrics(self) -> dict[str, float]:
+        return {k: float(v) for k, v in self.metric.compute().items()}
+
+    def per_class_table(self) -> str:
+        """Markdown table of per-class IoU / Acc of the last computed validation."""
+        return self.metric.markdown_table()
+
+    def reset_metrics(self) -> None:
+        self.metric.reset()
+
+    def render(self, batch: dict, outputs: torch.Tensor, num: int) -> np.ndarray:
+        """Rows of (image | ground-truth parts | predicted parts), palette blended over the image."""
+        size = batch["seg"].shape[-2:]
+        logits = torch.nn.functional.interpolate(outputs[:num].float(), size=size, mode="bilinear")
+        pred = logits.argmax(1).cpu().numpy()
+        palette = np.asarray(self.classes.palette, np.uint8)
+        rows = []
+        for i in range(pred.shape[0]):
+            image = denormalize(batch["image"][i])
+            gt = batch["seg"][i].cpu().numpy()
+            gt_rgb = palette[np.where(gt == 255, 0, gt)]
+            rows.append([image, blend(image, gt_rgb), blend(image, palette[pred[i]])])
+        return tile(rows)
