@@ -2,7 +2,8 @@
 
 ``train.py`` calls :func:`run`. The flow: validate the config -> seed -> build the data module (shards ->
 decoded, augmented batches), the LightningModule (``task._target_``) and the Trainer (``trainer``,
-``logger``, ``callbacks``) -> ``fit`` (resuming when a checkpoint exists) -> ``validate`` on the final weights.
+``logger``, ``callbacks``) -> ``fit`` (resuming when a checkpoint exists) -> ``validate`` on the final
+weights.
 """
 
 from __future__ import annotations

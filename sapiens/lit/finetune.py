@@ -56,8 +56,13 @@ class FinetuneModule(SapiensModule):
         super().__init__(optimizer, schedule, batch_size, max_consecutive_nonfinite)
         self.save_hyperparameters(ignore=["task_head"])
         self.backbone = VisionTransformer(
-            img_size=tuple(image_size), pos_embed="learned", cls_token=False, patch_padding=patch_padding,
-            drop_path_rate=drop_path_rate, grad_checkpointing=grad_checkpointing, **backbone,
+            img_size=tuple(image_size),
+            pos_embed="learned",
+            cls_token=False,
+            patch_padding=patch_padding,
+            drop_path_rate=drop_path_rate,
+            grad_checkpointing=grad_checkpointing,
+            **backbone,
         )
         self.task = task_head(in_channels=self.backbone.embed_dim, image_size=tuple(image_size))
         self.init_report = load_backbone_state(self.backbone, init_from) if init_from else None
@@ -82,8 +87,13 @@ class FinetuneModule(SapiensModule):
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         outputs = self.task.predict(self, batch)
-        self.log("val/loss", self.task.loss(outputs, batch), on_epoch=True, sync_dist=True,
-                 batch_size=batch["image"].shape[0])
+        self.log(
+            "val/loss",
+            self.task.loss(outputs, batch),
+            on_epoch=True,
+            sync_dist=True,
+            batch_size=batch["image"].shape[0],
+        )
         self.task.update_metrics(outputs, batch)
         if batch_idx == 0 and self.num_pictures:
             self._picture_batch = (batch, outputs.detach())
@@ -93,7 +103,11 @@ class FinetuneModule(SapiensModule):
         for name, value in metrics.items():
             self.log(f"val/{name}", value, prog_bar=name in ("AP", "mIoU", "rmse", "mean_angular_error"))
         self.task.reset_metrics()
-        if self._picture_batch is not None and self.trainer.is_global_zero and not self.trainer.sanity_checking:
+        if (
+            self._picture_batch is not None
+            and self.trainer.is_global_zero
+            and not self.trainer.sanity_checking
+        ):
             self.write_picture(*self._picture_batch)
         self._picture_batch = None
 

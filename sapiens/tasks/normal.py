@@ -50,7 +50,11 @@ class NormalTask(Task):
 
     def compute_metrics(self) -> dict[str, float]:
         """Angular errors in degrees (``*_angular_error``) and % of pixels ``within_<deg>``."""
-        renamed = {"mean": "mean_angular_error", "median": "median_angular_error", "rmse": "rmse_angular_error"}
+        renamed = {
+            "mean": "mean_angular_error",
+            "median": "median_angular_error",
+            "rmse": "rmse_angular_error",
+        }
         return {renamed.get(k, k): float(v) for k, v in self.metric.compute().items()}
 
     def reset_metrics(self) -> None:
@@ -64,7 +68,11 @@ class NormalTask(Task):
         rows = []
         for i in range(pred.shape[0]):
             mask = batch["mask"][i].cpu().numpy()
-            rows.append([denormalize(batch["image"][i]),
-                         normals_to_rgb(batch["normal"][i].cpu().numpy(), mask),
-                         normals_to_rgb(pred[i].cpu().numpy(), mask)])
+            rows.append(
+                [
+                    denormalize(batch["image"][i]),
+                    normals_to_rgb(batch["normal"][i].cpu().numpy(), mask),
+                    normals_to_rgb(pred[i].cpu().numpy(), mask),
+                ]
+            )
         return tile(rows)
