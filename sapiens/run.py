@@ -9,6 +9,7 @@ weights.
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -21,6 +22,8 @@ from sapiens.config import TASK_ONLY_KEYS, validate_config
 from sapiens.data.datamodule import ShardDataModule
 
 log = logging.getLogger(__name__)
+# Lightning 2.6 with torch >= 2.10 warns about its own pytree use on every batch; nothing for users to do.
+warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
 
 
 def build_datamodule(cfg: DictConfig) -> ShardDataModule:
