@@ -20,6 +20,14 @@ def denormalize(image: torch.Tensor, mean=MEAN, std=STD) -> np.ndarray:
     return x.permute(1, 2, 0).cpu().numpy()
 
 
+def upscale(image: np.ndarray, min_height: int = 192) -> np.ndarray:
+    """Nearest-neighbour upscale by an integer factor so that small images stay readable."""
+    factor = max(1, int(np.ceil(min_height / image.shape[0])))
+    if factor == 1:
+        return image
+    return cv2.resize(image, None, fx=factor, fy=factor, interpolation=cv2.INTER_NEAREST)
+
+
 def tile(rows: list[list[np.ndarray]], gap: int = 2) -> np.ndarray:
     """Grid of (H, W, 3) uint8 images (all the same size) with a white gap -> (H', W', 3) uint8."""
     h, w = rows[0][0].shape[:2]

@@ -16,9 +16,14 @@ def train(devices: int, batch: int, out) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for key in [k for k in env if k.startswith("SLURM_")]:
         env.pop(key)
-    proc = subprocess.run([sys.executable, str(ROOT / "tests/scripts/ddp_equivalence.py"), str(devices),
-                           str(batch), str(out)], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "tests/scripts/ddp_equivalence.py"), str(devices), str(batch), str(out)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return torch.load(out, weights_only=True)
 

@@ -11,7 +11,6 @@ from data.synthhumans import render_sample
 from sapiens.checkpoints import OURS_TO_PUBLISHED, rename_keys
 from sapiens.data.dense_transform import DenseTransform
 from sapiens.data.pose_transform import TopDownPoseTransform
-from sapiens.data.readers import read_pose
 from sapiens.lit.finetune import FinetuneModule
 from sapiens.models.pos_embed import resize_pos_embed
 from sapiens.models.vit import VisionTransformer
@@ -41,10 +40,26 @@ def pose_batch() -> dict:
     transform = TopDownPoseTransform("coco17", input_size=SIZE, sigma=1.5, train=False)
     items = []
     for i, s in enumerate(synth_samples(6)):
-        persons = [{"id": j, "bbox": np.asarray(p["bbox"], np.float32), "area": float(p["area"]), "iscrowd": 0,
-                    "keypoints": np.asarray(p["keypoints"], np.float32)} for j, p in enumerate(s["persons"])]
-        items += transform({"image": s["image"], "key": str(i), "image_id": i + 1, "width": 96, "height": 128,
-                            "persons": persons})
+        persons = [
+            {
+                "id": j,
+                "bbox": np.asarray(p["bbox"], np.float32),
+                "area": float(p["area"]),
+                "iscrowd": 0,
+                "keypoints": np.asarray(p["keypoints"], np.float32),
+            }
+            for j, p in enumerate(s["persons"])
+        ]
+        items += transform(
+            {
+                "image": s["image"],
+                "key": str(i),
+                "image_id": i + 1,
+                "width": 96,
+                "height": 128,
+                "persons": persons,
+            }
+        )
     return collate(items)
 
 
@@ -59,13 +74,22 @@ def dense_batch(task: str) -> dict:
 
 
 TASKS = {
-    "pose": (partial(PoseTask, keypoint_set="coco17", deconv_channels=(32, 32), conv_channels=(32, 32),
-                     sigma=1.5), pose_batch),
-    "seg": (partial(SegmentationTask, deconv_channels=(32,) * 3, conv_channels=(32,) * 3),
-            lambda: dense_batch("seg")),
-    "depth": (partial(DepthTask, deconv_channels=(16,) * 4, conv_channels=(16, 16)), lambda: dense_batch("depth")),
-    "normal": (partial(NormalTask, deconv_channels=(32,) * 3, conv_channels=(32,) * 3),
-               lambda: dense_batch("normal")),
+    "pose": (
+        partial(PoseTask, keypoint_set="coco17", deconv_channels=(32, 32), conv_channels=(32, 32), sigma=1.5),
+        pose_batch,
+    ),
+    "seg": (
+        partial(SegmentationTask, deconv_channels=(32,) * 3, conv_channels=(32,) * 3),
+        lambda: dense_batch("seg"),
+    ),
+    "depth": (
+        partial(DepthTask, deconv_channels=(16,) * 4, conv_channels=(16, 16)),
+        lambda: dense_batch("depth"),
+    ),
+    "normal": (
+        partial(NormalTask, deconv_channels=(32,) * 3, conv_channels=(32,) * 3),
+        lambda: dense_batch("normal"),
+    ),
 }
 
 
@@ -94,9 +118,17 @@ def test_metrics_update_and_compute(name):
     batch = make_batch()
     if name == "pose":  # the metric needs the GT of every image
         for i, s in enumerate(synth_samples(6)):
-            module.task.metric.add_ground_truth({"image_id": i + 1, "width": 96, "height": 128, "persons": [
-                {"bbox": p["bbox"], "area": p["area"], "keypoints": np.asarray(p["keypoints"])}
-                for p in s["persons"]]})
+            module.task.metric.add_ground_truth(
+                {
+                    "image_id": i + 1,
+                    "width": 96,
+                    "height": 128,
+                    "persons": [
+                        {"bbox": p["bbox"], "area": p["area"], "keypoints": np.asarray(p["keypoints"])}
+                        for p in s["persons"]
+                    ],
+                }
+            )
     with torch.no_grad():
         outputs = module.task.predict(module, batch)
     module.task.update_metrics(outputs, batch)
@@ -111,8 +143,15 @@ def published_clean_state(model: VisionTransformer) -> dict:
     """A checkpoint laid out like ``sapiens_*_clean.pth`` (reference section 5) for ``model``'s shape."""
     state = rename_keys(model.state_dict(), OURS_TO_PUBLISHED)
     keys = set(state)
-    assert {"patch_embed.projection.weight", "layers.0.ln1.weight", "layers.1.ffn.layers.0.0.weight",
-            "layers.1.ffn.layers.1.bias", "layers.0.attn.qkv.weight", "ln1.weight", "cls_token"} <= keys
+    assert {
+        "patch_embed.projection.weight",
+        "layers.0.ln1.weight",
+        "layers.1.ffn.layers.0.0.weight",
+        "layers.1.ffn.layers.1.bias",
+        "layers.0.attn.qkv.weight",
+        "ln1.weight",
+        "cls_token",
+    } <= keys
     return state
 
 
@@ -140,7 +179,9 @@ def test_published_finetuned_checkpoint_and_wrong_size(tmp_path):
     module = FinetuneModule(BACKBONE, TASKS["depth"][0], image_size=SIZE, init_from=str(path))
     assert module.init_report["missing"] == [] and module.init_report["unexpected"] == []
     with pytest.raises(ValueError, match="wrong model size"):
-        FinetuneModule({**BACKBONE, "embed_dim": 128}, TASKS["depth"][0], image_size=SIZE, init_from=str(path))
+        FinetuneModule(
+            {**BACKBONE, "embed_dim": 128}, TASKS["depth"][0], image_size=SIZE, init_from=str(path)
+        )
     with pytest.raises(FileNotFoundError, match="nowhere.pth"):
         FinetuneModule(BACKBONE, TASKS["depth"][0], image_size=SIZE, init_from=str(tmp_path / "nowhere.pth"))
 
@@ -155,14 +196,26 @@ def best_value(run_dir, column):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("task,metric", [("pose", "val/AP"), ("seg", "val/mIoU"), ("depth", "val/rmse"),
-                                         ("normal", "val/mean_angular_error")])
+@pytest.mark.parametrize(
+    "task,metric",
+    [("pose", "val/AP"), ("seg", "val/mIoU"), ("depth", "val/rmse"), ("normal", "val/mean_angular_error")],
+)
 def test_finetune_end_to_end_from_pretraining(task, metric, synth_root, pretrained_ckpt, tmp_path):
-    run_train([f"experiment={task}_demo", *TINY_FINETUNE, f"data.root={synth_root}",
-               f"paths.output_dir={tmp_path}", "run_name=ft", f"task.init_from={pretrained_ckpt}"])
+    run_train(
+        [
+            f"experiment={task}_demo",
+            *TINY_FINETUNE,
+            f"data.root={synth_root}",
+            f"paths.output_dir={tmp_path}",
+            "run_name=ft",
+            f"task.init_from={pretrained_ckpt}",
+        ]
+    )
     run_dir = tmp_path / task / "ft"
     assert len(best_value(run_dir, metric)) >= 2  # validated after each nominal epoch
     assert (run_dir / "checkpoints" / "best.ckpt").exists()
+    if task == "seg":
+        assert "Face_Neck" in (run_dir / "val_report.md").read_text()
     assert sorted(p.name for p in (run_dir / "predictions").glob("*.png"))
     log = (run_dir / "train.rank0.log").read_text()
     assert "loaded 29 backbone tensors" in log

@@ -10,7 +10,7 @@ import torch
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 
-from sapiens.visualize import denormalize, save_png, tile
+from sapiens.visualize import denormalize, save_png, tile, upscale
 
 
 class ReconstructionLogger(L.Callback):
@@ -44,10 +44,7 @@ class ReconstructionLogger(L.Callback):
         _, pred, mask = pl_module.model(images, generator=gen)
         masked, recon = pl_module.model.reconstruct(images, pred, mask)
         pl_module.train(was_training)
-        rows = [
-            [denormalize(images[i]), denormalize(masked[i]), denormalize(recon[i])]
-            for i in range(images.shape[0])
-        ]
+        rows = [[upscale(denormalize(x[i])) for x in (images, masked, recon)] for i in range(images.shape[0])]
         picture = tile(rows)
         out = Path(self.out_dir or trainer.default_root_dir) / "reconstructions"
         path = save_png(picture, out / f"step_{step:07d}.png")

@@ -45,6 +45,10 @@ class Task(nn.Module):
     def reset_metrics(self) -> None:
         raise NotImplementedError
 
+    def report(self) -> str | None:
+        """Markdown detail of the last computed validation (e.g. per-class IoU), or None."""
+        return None
+
     def prepare_validation(self, datamodule) -> None:
         """Hook before a validation epoch (e.g. read ground truth); nothing by default."""
 

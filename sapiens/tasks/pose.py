@@ -24,7 +24,7 @@ from sapiens.losses import KeypointMSELoss, KeypointOHKMMSELoss
 from sapiens.metrics.keypoint_ap import KeypointAP, torch_all_gather_object
 from sapiens.models.heads import POSE_CONV_CHANNELS, POSE_DECONV_CHANNELS, HeatmapHead
 from sapiens.tasks.base import Task
-from sapiens.visualize import denormalize, tile
+from sapiens.visualize import denormalize, tile, upscale
 
 log = logging.getLogger(__name__)
 
@@ -116,15 +116,18 @@ class PoseTask(Task):
     def decode(self, heatmaps: torch.Tensor, batch: dict) -> np.ndarray:
         """Heatmaps (B, K, h, w) -> keypoints (B, K, 3) in image pixels with scores."""
         crop_xy, scores = self.codec.decode(heatmaps.float())
-        xy = crop_to_image(crop_xy, batch["center"].cpu().numpy(), batch["scale"].cpu().numpy(),
-                           self.input_size)
+        xy = crop_to_image(
+            crop_xy, batch["center"].cpu().numpy(), batch["scale"].cpu().numpy(), self.input_size
+        )
         return np.concatenate([xy, scores[..., None]], axis=-1)
 
     def update_metrics(self, outputs: torch.Tensor, batch: dict) -> None:
         keypoints = self.decode(outputs, batch)
         self.metric.add_predictions(
-            [int(i) for i in batch["image_id"]], keypoints,
-            torch.as_tensor(batch["bbox_score"]).cpu().numpy(), torch.as_tensor(batch["area"]).cpu().numpy(),
+            [int(i) for i in batch["image_id"]],
+            keypoints,
+            torch.as_tensor(batch["bbox_score"]).cpu().numpy(),
+            torch.as_tensor(batch["area"]).cpu().numpy(),
         )
 
     def compute_metrics(self) -> dict[str, float]:
@@ -143,7 +146,7 @@ class PoseTask(Task):
         pred_xy, _ = self.codec.decode(outputs[:num].float())
         rows = []
         for i in range(min(num, outputs.shape[0])):
-            crop = _upscale(denormalize(batch["image"][i]))
+            crop = upscale(denormalize(batch["image"][i]))
             factor = crop.shape[0] / batch["image"].shape[-2]
             visible = batch["target_weight"][i].cpu().numpy() > 0
             gt = self.draw(crop, gt_xy[i] * factor, visible)
@@ -165,11 +168,3 @@ class PoseTask(Task):
             color = tuple(int(c) for c in self.kset.colors[k])
             cv2.circle(out, tuple(int(round(v)) for v in xy[k]), 2, color, -1, cv2.LINE_AA)
         return out
-
-
-def _upscale(image: np.ndarray, min_height: int = 192) -> np.ndarray:
-    """Nearest-neighbour upscale of tiny crops so the drawing stays readable."""
-    factor = max(1, int(np.ceil(min_height / image.shape[0])))
-    if factor == 1:
-        return image
-    return cv2.resize(image, None, fx=factor, fy=factor, interpolation=cv2.INTER_NEAREST)

@@ -60,7 +60,7 @@ class SegmentationTask(Task):
     def compute_metrics(self) -> dict[str, float]:
         return {k: float(v) for k, v in self.metric.compute().items()}
 
-    def per_class_table(self) -> str:
+    def report(self) -> str:
         """Markdown table of per-class IoU / Acc of the last computed validation."""
         return self.metric.markdown_table()
 

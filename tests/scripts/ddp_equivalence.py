@@ -34,12 +34,27 @@ class FixedPoseData(Dataset):
 def main(devices: int, batch: int, out: str) -> None:
     L.seed_everything(0)
     head = partial(PoseTask, deconv_channels=(16, 16), conv_channels=(16, 16), sigma=1.0)
-    module = FinetuneModule({"embed_dim": 64, "depth": 2, "num_heads": 4, "patch_size": 16}, head,
-                            image_size=(64, 48), optimizer={"lr": 1e-3, "weight_decay": 0.1, "layer_decay": 0.85},
-                            schedule={"kind": "constant"}, batch_size=batch, num_pictures=0)
-    trainer = L.Trainer(accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto",
-                        max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, gradient_clip_val=1.0, num_sanity_val_steps=0)
+    module = FinetuneModule(
+        {"embed_dim": 64, "depth": 2, "num_heads": 4, "patch_size": 16},
+        head,
+        image_size=(64, 48),
+        optimizer={"lr": 1e-3, "weight_decay": 0.1, "layer_decay": 0.85},
+        schedule={"kind": "constant"},
+        batch_size=batch,
+        num_pictures=0,
+    )
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=devices,
+        strategy="ddp" if devices > 1 else "auto",
+        max_steps=3,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        gradient_clip_val=1.0,
+        num_sanity_val_steps=0,
+    )
     trainer.fit(module, DataLoader(FixedPoseData(), batch_size=batch, shuffle=False))
     if trainer.is_global_zero:
         torch.save({k: v.detach().clone() for k, v in module.state_dict().items()}, out)

@@ -1,0 +1,153 @@
+"""GPU-only checks: bf16 training, flash attention eligibility, activation-checkpointing memory, and
+DeepSpeed ZeRO stages through Lightning. Prints figures; on a machine without CUDA it says so and exits 0.
+
+    python -m experiments.benchmarks.gpu_checks [--model sapiens_0.3b] [--batch 4] [--steps 5]
+                                                [--skip-deepspeed]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from experiments.benchmarks._common import load_backbone_shape
+from sapiens.models.heads import HeatmapHead
+from sapiens.models.mae import MaskedAutoencoder
+from sapiens.models.vit import VisionTransformer
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def flash_attention_eligible(head_dim: int, dtype=torch.bfloat16) -> bool:
+    """True when SDPA runs with the flash kernel for this head size (2B has head_dim 60)."""
+    q = torch.randn(1, 4, 256, head_dim, device="cuda", dtype=dtype)
+    try:
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            F.scaled_dot_product_attention(q, q, q)
+        return True
+    except RuntimeError:
+        return False
+
+
+def timed_steps(step, steps: int) -> tuple[float, float]:
+    """(seconds per step, peak GiB) over ``steps`` calls after one warm-up."""
+    step()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / steps, torch.cuda.max_memory_allocated() / 2**30
+
+
+def mae_step(model_name: str, batch: int, dtype: torch.dtype):
+    shape = load_backbone_shape(model_name)
+    model = MaskedAutoencoder(VisionTransformer(img_size=(1024, 1024), **shape)).cuda()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    images = torch.randn(batch, 3, 1024, 1024, device="cuda")
+
+    def step():
+        with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
+            loss, _, _ = model(images)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def finetune_step(model_name: str, batch: int, checkpointing: bool):
+    shape = load_backbone_shape(model_name)
+    backbone = VisionTransformer(
+        img_size=(1024, 768), pos_embed="learned", cls_token=False, grad_checkpointing=checkpointing, **shape
+    ).cuda()
+    head = HeatmapHead(shape["embed_dim"], 308).cuda()
+    params = list(backbone.parameters()) + list(head.parameters())
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
+    images = torch.randn(batch, 3, 1024, 768, device="cuda")
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = head(backbone(images)).float().square().mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def deepspeed_run(stage: int, out: Path) -> str:
+    """A few steps of the tiny pretraining preset through train.py with trainer=deepspeed_stage_N."""
+    cmd = [
+        sys.executable,
+        "train.py",
+        "experiment=pretrain_demo",
+        "model=vit_tiny",
+        f"trainer=deepspeed_stage_{stage}",
+        "task.image_size=[64,48]",
+        "trainer.max_steps=4",
+        "data.epoch_length=2",
+        "logger=csv",
+        f"data.root={out / 'synthhumans'}",
+        f"paths.output_dir={out / 'runs'}",
+        f"run_name=zero{stage}",
+        "trainer.devices=1",
+        "trainer.enable_progress_bar=false",
+    ]
+    proc = subprocess.run(
+        cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "WANDB_MODE": "offline"}
+    )
+    ckpt = out / "runs" / "pretrain" / f"zero{stage}" / "checkpoints" / "last.ckpt"
+    ok = proc.returncode == 0 and ckpt.is_dir()
+    return "ok (ZeRO checkpoint folder written)" if ok else f"FAILED: {proc.stderr[-800:]}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="sapiens_0.3b")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--skip-deepspeed", action="store_true")
+    parser.add_argument("--work-dir", default="/tmp/sapiens_gpu_checks")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("no CUDA device: GPU checks skipped (run this on a GPU machine)")
+        return 0
+    print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}")
+    for head_dim in (64, 80, 60):
+        print(
+            f"flash attention, head_dim {head_dim}: {'yes' if flash_attention_eligible(head_dim) else 'no'}"
+        )
+    for dtype in (torch.bfloat16, torch.float32):
+        sec, gib = timed_steps(mae_step(args.model, args.batch, dtype), args.steps)
+        print(
+            f"MAE {args.model} 1024x1024 batch {args.batch} {str(dtype)[6:]}: {args.batch / sec:.1f} img/s, "
+            f"peak {gib:.1f} GiB"
+        )
+    for ckpt in (False, True):
+        sec, gib = timed_steps(finetune_step(args.model, args.batch, ckpt), args.steps)
+        print(
+            f"pose-308 fine-tune {args.model} 1024x768 batch {args.batch} bf16, activation checkpointing "
+            f"{'on ' if ckpt else 'off'}: {args.batch / sec:.1f} img/s, peak {gib:.1f} GiB"
+        )
+    if not args.skip_deepspeed:
+        out = Path(args.work_dir)
+        from data.synthhumans.shards import build
+
+        build(out / "synthhumans", 64, 16, height=128, width=96, progress=False)
+        for stage in (2, 3):
+            print(f"DeepSpeed ZeRO-{stage} through Lightning: {deepspeed_run(stage, out)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
