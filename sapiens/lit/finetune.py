@@ -102,6 +102,10 @@ class FinetuneModule(SapiensModule):
         metrics = self.task.compute_metrics()
         for name, value in metrics.items():
             self.log(f"val/{name}", value, prog_bar=name in ("AP", "mIoU", "rmse", "mean_angular_error"))
+        report = self.task.report() if metrics else None
+        if report and self.trainer.is_global_zero and not self.trainer.sanity_checking:
+            path = Path(self.trainer.default_root_dir) / "val_report.md"
+            path.write_text(f"Validation at step {self.global_step}\n\n{report}\n")
         self.task.reset_metrics()
         if (
             self._picture_batch is not None
