@@ -102,6 +102,16 @@ def resolve_ckpt_path(cfg: DictConfig) -> str | None:
     return None
 
 
+def drop_hpc_checkpoints(trainer: L.Trainer, run_dir: Path) -> None:
+    """After a finished fit, Slurm hpc checkpoints are stale (last.ckpt is newer); Lightning would otherwise
+    restore them in ``validate`` and in any later run of this directory."""
+    trainer.strategy.barrier("hpc_cleanup")
+    if trainer.is_global_zero and not trainer.interrupted:
+        for path in run_dir.glob("hpc_ckpt_*.ckpt"):
+            path.unlink()
+    trainer.strategy.barrier("hpc_cleanup_done")
+
+
 def run(cfg: DictConfig) -> dict[str, float]:
     """Validate, build, fit and validate; returns the final metrics (``trainer.callback_metrics``)."""
     validate_config(cfg)
@@ -115,6 +125,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
         log.info("run directory: %s", run_dir.resolve())
     trainer.fit(module, datamodule=datamodule, ckpt_path=resolve_ckpt_path(cfg))
+    drop_hpc_checkpoints(trainer, run_dir)
     if cfg.get("validate_after_fit") and cfg.data.get("val_shards"):
         trainer.validate(module, datamodule=datamodule)
     return {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}

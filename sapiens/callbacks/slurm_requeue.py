@@ -1,0 +1,46 @@
+"""Slurm preemption: take the requeue signal at a training-step boundary on every rank at once.
+
+Lightning's SLURMEnvironment saves ``hpc_ckpt_N.ckpt`` and requeues from inside the SIGUSR1 handler. With
+several ranks, the signal can land while one rank already waits in a collective (a per-step reduce, a
+checkpoint barrier) and another starts the checkpoint's barrier instead: both hang until the time limit.
+This callback only sets a flag in the handler; after each training batch the ranks agree (max-reduce of
+the flag) and all run Lightning's own save-and-requeue at the same step.
+"""
+
+from __future__ import annotations
+
+import signal
+
+import lightning as L
+import torch
+from lightning.fabric.plugins.environments import SLURMEnvironment
+
+
+class SlurmRequeueAtStepBoundary(L.Callback):
+    """Defer Lightning's Slurm auto-requeue to the end of a training batch (no-op outside Slurm)."""
+
+    def __init__(self):
+        self.requested = False
+        self._signum: int | None = None
+        self._active = False
+
+    def _flag(self, signum, frame) -> None:
+        self.requested, self._signum = True, signum
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        env = trainer._accelerator_connector.cluster_environment
+        if stage == "fit" and isinstance(env, SLURMEnvironment) and env.auto_requeue:
+            # Registered before Lightning's signal connector runs, which keeps a handler it finds.
+            signal.signal(env.requeue_signal, self._flag)
+            self._active = True
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if not self._active:
+            return
+        flag = torch.tensor(float(self.requested), device=pl_module.device)
+        if trainer.world_size > 1:
+            flag = trainer.strategy.reduce(flag, reduce_op="max")
+        if flag.item() > 0:
+            self.requested = False
+            # Lightning's own handler: save the hpc checkpoint on every rank, then `scontrol requeue`.
+            trainer._signal_connector._slurm_sigusr_handler_fn(self._signum or signal.SIGUSR1, None)

@@ -1,0 +1,129 @@
+"""Each benchmark script runs end to end with tiny arguments and prints its figures.
+
+No timing is asserted: only that the figures are printed and are sane numbers.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+NUMBER = r"([0-9]+(?:\.[0-9]+)?)"
+
+
+def run_benchmark(name: str, *args: str, timeout: float = 120) -> str:
+    proc = subprocess.run(
+        [sys.executable, "-m", f"experiments.benchmarks.{name}", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout
+
+
+def number_after(label: str, text: str) -> float:
+    match = re.search(re.escape(label) + r"\s*" + NUMBER, text)
+    assert match, f"{label!r} not printed in:\n{text}"
+    return float(match.group(1))
+
+
+def markdown_rows(text: str) -> list[list[str]]:
+    lines = [ln for ln in text.splitlines() if ln.startswith("| ")]
+    return [[c.strip() for c in ln.strip("|").split("|")] for ln in lines[1:]]
+
+
+@pytest.mark.parametrize("task", ["pretrain", "finetune"])
+def test_pretrain_throughput(task: str) -> None:
+    out = run_benchmark(
+        "pretrain_throughput",
+        "--task",
+        task,
+        "--model",
+        "vit_tiny",
+        "--height",
+        "64",
+        "--width",
+        "48",
+        "--batch",
+        "2",
+        "--steps",
+        "2",
+        "--warmup",
+        "1",
+        "--decoder-dim",
+        "32",
+        "--decoder-depth",
+        "1",
+        "--decoder-heads",
+        "4",
+        "--keypoints",
+        "17",
+        "--head-channels",
+        "16",
+        "--flop-check",
+    )
+    assert f"task: {task}" in out
+    assert number_after("images/s:", out) > 0
+    assert number_after("fraction of peak:", out) > 0
+    assert "FLOP/s" in out and "measured fp32 torch.mm peak" in out
+    assert number_after("counted / analytic =", out) > 0
+
+
+def test_pretrain_throughput_rejects_unknown_model() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "experiments.benchmarks.pretrain_throughput", "--model", "nope"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode != 0
+    assert "conf/model/nope.yaml" in proc.stderr and "vit_tiny" in proc.stderr
+
+
+def test_data_pipeline() -> None:
+    out = run_benchmark(
+        "data_pipeline",
+        "--sizes",
+        "64x48",
+        "--images",
+        "24",
+        "--batch",
+        "4",
+        "--workers",
+        "0",
+        "1",
+        "--per-shard",
+        "12",
+    )
+    rows = markdown_rows(out)
+    assert [r[4] for r in rows] == ["0", "1"]  # one row per worker setting
+    for row in rows:
+        decode, pipeline, ratio = float(row[3]), float(row[5]), float(row[6])
+        assert decode > 0 and pipeline > 0
+        assert ratio == pytest.approx(pipeline / decode, rel=0.05, abs=0.01)
+
+
+def test_keypoint_eval() -> None:
+    out = run_benchmark("keypoint_eval", "--images", "40", "--sets", "goliath308", "coco17")
+    rows = {r[0]: r for r in markdown_rows(out)}
+    assert rows["goliath308"][1] == "308" and rows["coco17"][1] == "17"
+    for row in rows.values():
+        assert float(row[5]) > 0  # compute seconds
+        assert 0 < float(row[7]) <= 1  # AP of noisy predictions: real work, not degenerate
+
+
+def test_peak_memory() -> None:
+    out = run_benchmark("peak_memory", "--configs", "vit_tiny@64x48", "--batch", "1")
+    rows = markdown_rows(out)
+    assert [r[3] for r in rows] == ["False", "True"]
+    for row in rows:
+        assert row[4] != "error", row
+        assert float(row[6]) >= 0  # step peak MiB
