@@ -37,6 +37,8 @@ def test_each_group_option_composes(group, option):
 @pytest.mark.parametrize("experiment", options("experiment"))
 def test_each_experiment_composes(experiment):
     cfg = compose_cfg([f"experiment={experiment}"])
+    if cfg.data.name == "shards":  # full-scale presets need the user's shards
+        cfg = compose_cfg([f"experiment={experiment}", "data.train_shards=/x/a.tar"])
     validate_config(cfg)
     assert cfg.task.image_size[0] % cfg.model.backbone.patch_size == 0
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 import subprocess
 import sys
 import time
@@ -120,10 +121,11 @@ def test_usr1_requeues_and_resumes_from_hpc_checkpoint(tmp_path, pretrain_data_r
 
     # Lightning saved the hpc checkpoint mid-run and the requeued job restored it.
     hpc = run / "hpc_ckpt_1.ckpt"
-    resumed_at = _global_step(hpc)
+    assert f"Restored all states from the checkpoint at {hpc}" in text
+    resumed_at = int(re.findall(r"restoring the training state of global step (\d+)", text)[-1])
     assert 10 <= resumed_at < max_steps
     assert "(restart 1)" in text  # the requeued attempt ran (same job id, same log file)
-    assert f"Restored all states from the checkpoint at {hpc}" in text
+    assert not hpc.exists(), "a finished run must drop its stale hpc checkpoint"
     assert [r.name for r in run.parent.iterdir()] == [job]  # still ONE run directory
 
     # Training went on from the restored step to the end, not from scratch.

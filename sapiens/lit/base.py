@@ -171,3 +171,4 @@ class SapiensModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.nonfinite_total = checkpoint.get("nonfinite_total", 0)
+        log.info("restoring the training state of global step %d", checkpoint.get("global_step", -1))
