@@ -19,7 +19,8 @@
 #   RUN_NAME            run directory name under runs/<task>/ (default: the job id, or
 #                       <array job id>_<task id>; a requeued job keeps its id, so it resumes in
 #                       the same directory)
-#   TRAINER             trainer config (default: ddp, or ddp_cpu when GPUS_PER_NODE=0)
+#   TRAINER             trainer config (default: ddp, or ddp_cpu when GPUS_PER_NODE=0; with an
+#                       experiment= preset on GPUs, the preset's own trainer)
 #   PYTHON              interpreter (default: <repo>/.venv/bin/python if present, else python)
 # Plain `sbatch slurm/<script>.sbatch overrides...` also works (the #SBATCH defaults apply;
 # sbatch's own SBATCH_* input variables are honoured as usual).
@@ -85,11 +86,15 @@ _sapiens_run() {
     fi
     run_name="${run_name:-$SLURM_JOB_ID}"
 
+    # An `experiment=` preset brings its own trainer (e.g. deepspeed_stage_2 for 1b/2b): keep it on
+    # GPU jobs unless TRAINER says otherwise; a command-line trainer= would silently replace it.
+    local has_experiment=0 arg
+    for arg in "$@"; do [[ "$arg" == experiment=* ]] && has_experiment=1; done
     local trainer="${TRAINER:-}"
     if [[ -z "$trainer" ]]; then
         if [[ "${GPUS_PER_NODE:-}" == 0 || "${SLURM_GPUS_PER_NODE:-}" == 0 ]]; then
             trainer=ddp_cpu
-        else
+        elif [[ "$has_experiment" == 0 ]]; then
             trainer=ddp
         fi
     fi
@@ -98,7 +103,8 @@ _sapiens_run() {
         python=python
         [[ -x .venv/bin/python ]] && python=.venv/bin/python
     fi
-    local overrides=(trainer="$trainer" run_name="$run_name")
+    local overrides=(run_name="$run_name")
+    [[ -n "$trainer" ]] && overrides=(trainer="$trainer" "${overrides[@]}")
     [[ -n "$task" ]] && overrides=(task="$task" "${overrides[@]}")
 
     echo "[$(date '+%F %T')] job ${SLURM_JOB_ID} (restart ${SLURM_RESTART_COUNT:-0}):" \

@@ -93,3 +93,10 @@ def test_poly_and_multistep():
 def test_unknown_schedule_is_rejected():
     with pytest.raises(ValueError, match="schedule kind"):
         ScheduleConfig(kind="linear-ish")
+
+
+def test_warmup_as_a_fraction_of_the_run():
+    s = ScheduleConfig(kind="cosine", warmup_steps=None, warmup_fraction=0.025, warmup_start_factor=0.0)
+    assert s.warmup(1600) == 40
+    assert s.factor(20, 1600) == pytest.approx(0.5)
+    assert ScheduleConfig(warmup_steps=7, warmup_fraction=0.5).warmup(100) == 7  # explicit steps win
