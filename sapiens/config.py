@@ -120,6 +120,9 @@ def validate_config(cfg: DictConfig) -> None:
             _fail(key, "missing config group")
     task, model, data = resolved["task"], resolved["model"], resolved["data"]
 
+    threads = resolved.get("cpu_threads", "auto")
+    if threads not in ("auto", None) and not (isinstance(threads, int) and threads > 0):
+        _fail("cpu_threads", f"expected auto, null or a positive integer, got {threads!r}")
     if not isinstance(resolved.get("seed"), int):
         _fail("seed", f"expected an integer, got {resolved.get('seed')!r}")
 

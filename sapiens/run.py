@@ -9,10 +9,12 @@ weights.
 from __future__ import annotations
 
 import logging
+import os
 import warnings
 from pathlib import Path
 
 import lightning as L
+import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ProgressBar
 from omegaconf import DictConfig, OmegaConf
@@ -112,9 +114,25 @@ def drop_hpc_checkpoints(trainer: L.Trainer, run_dir: Path) -> None:
     trainer.strategy.barrier("hpc_cleanup_done")
 
 
+def set_cpu_threads(cfg: DictConfig) -> None:
+    """Intra-op threads for CPU training. ``auto`` leaves one core per data worker: oversubscribed OpenMP
+    threads spin against the workers and can slow a CPU run down by an order of magnitude."""
+    spec = cfg.get("cpu_threads", "auto")
+    if spec is None or cfg.trainer.get("accelerator") != "cpu":
+        return
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    threads = max(1, cores - cfg.data.num_workers) if spec == "auto" else int(spec)
+    devices = cfg.trainer.get("devices")
+    if "ddp" in str(cfg.trainer.get("strategy")) and isinstance(devices, int) and devices > 1:
+        threads = max(1, threads // devices)  # processes of one node share its cores
+    torch.set_num_threads(threads)
+    log.info("CPU threads per process: %d (cpu_threads=%s)", threads, spec)
+
+
 def run(cfg: DictConfig) -> dict[str, float]:
     """Validate, build, fit and validate; returns the final metrics (``trainer.callback_metrics``)."""
     validate_config(cfg)
+    set_cpu_threads(cfg)
     L.seed_everything(cfg.seed, workers=True)
     run_dir = Path(cfg.paths.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
