@@ -22,25 +22,25 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
-# (published pattern, ours) applied in order to each key of a backbone state dict.
-PUBLISHED_TO_OURS = [
-    (r"^patch_embed\.projection\.", "patch_embed.proj."),
-    (r"^layers\.(\d+)\.ln1\.", r"blocks.\1.norm1."),
-    (r"^layers\.(\d+)\.ln2\.", r"blocks.\1.norm2."),
-    (r"^layers\.(\d+)\.attn\.", r"blocks.\1.attn."),
-    (r"^layers\.(\d+)\.ffn\.layers\.0\.0\.", r"blocks.\1.mlp.fc1."),
-    (r"^layers\.(\d+)\.ffn\.layers\.1\.", r"blocks.\1.mlp.fc2."),
-    (r"^ln1\.", "norm."),
+# Backbone key pieces: (published mmpretrain name, ours); "{i}" stands for the block index.
+KEY_PIECES = [
+    ("patch_embed.projection.", "patch_embed.proj."),
+    ("layers.{i}.ln1.", "blocks.{i}.norm1."),
+    ("layers.{i}.ln2.", "blocks.{i}.norm2."),
+    ("layers.{i}.attn.", "blocks.{i}.attn."),
+    ("layers.{i}.ffn.layers.0.0.", "blocks.{i}.mlp.fc1."),
+    ("layers.{i}.ffn.layers.1.", "blocks.{i}.mlp.fc2."),
+    ("ln1.", "norm."),
 ]
-OURS_TO_PUBLISHED = [
-    (r"^patch_embed\.proj\.", "patch_embed.projection."),
-    (r"^blocks\.(\d+)\.norm1\.", r"layers.\1.ln1."),
-    (r"^blocks\.(\d+)\.norm2\.", r"layers.\1.ln2."),
-    (r"^blocks\.(\d+)\.attn\.", r"layers.\1.attn."),
-    (r"^blocks\.(\d+)\.mlp\.fc1\.", r"layers.\1.ffn.layers.0.0."),
-    (r"^blocks\.(\d+)\.mlp\.fc2\.", r"layers.\1.ffn.layers.1."),
-    (r"^norm\.", "ln1."),
-]
+
+
+def _rule(src: str, dst: str) -> tuple[str, str]:
+    """A ``(pattern, replacement)`` regex pair mapping key prefix ``src`` to ``dst``."""
+    return "^" + re.escape(src).replace(r"\{i\}", r"(\d+)"), dst.replace("{i}", r"\1")
+
+
+PUBLISHED_TO_OURS = [_rule(published, ours) for published, ours in KEY_PIECES]
+OURS_TO_PUBLISHED = [_rule(ours, published) for published, ours in KEY_PIECES]
 # Prefixes under which a backbone sits in the checkpoints we accept, most specific first.
 BACKBONE_PREFIXES = ("model.encoder.", "backbone.", "encoder.", "module.backbone.")
 
@@ -128,3 +128,29 @@ def load_backbone_state(backbone: nn.Module, path: str | Path, strict: bool = Fa
     if loaded == 0:
         raise ValueError(f"{path}: no backbone tensor matched; is this a Sapiens / sapiens-train checkpoint?")
     return report
+
+
+# Prefixes of task heads in published fine-tuned checkpoints (pose: head., seg/depth/normal: decode_head.)
+# and in ours (task.head.).
+HEAD_PREFIXES = ("task.head.", "decode_head.", "head.")
+
+
+def load_head_state(head: nn.Module, path: str | Path) -> list[str]:
+    """Load a task head from a fine-tuned checkpoint (published or ours) when it has one that fits.
+
+    Returns the names of the loaded tensors; an empty list when the file holds no head of this shape
+    (e.g. a pretraining checkpoint, or another number of keypoints), which is logged, not an error.
+    """
+    state = read_checkpoint(path)
+    for prefix in HEAD_PREFIXES:
+        sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        if sub:
+            break
+    own = head.state_dict()
+    if not sub or set(sub) != set(own) or any(sub[k].shape != own[k].shape for k in own):
+        if sub:
+            log.info("%s has a head that does not fit this task's head; the head starts from scratch", path)
+        return []
+    head.load_state_dict(sub)
+    log.info("loaded the task head (%d tensors) from %s", len(sub), path)
+    return sorted(sub)

@@ -98,7 +98,9 @@ def test_train_step_lowers_loss_on_a_fixed_batch(name):
     torch.manual_seed(0)
     task_head, make_batch = TASKS[name]
     module = FinetuneModule(BACKBONE, task_head, image_size=SIZE)
-    batch = make_batch()
+    # The transforms emit uint8 images; the module normalises them after the device transfer.
+    batch = module.on_after_batch_transfer(make_batch(), 0)
+    assert batch["image"].dtype == torch.float32
     opt = torch.optim.AdamW(module.parameters(), lr=1e-3)
     losses = []
     for _ in range(25):
@@ -115,7 +117,7 @@ def test_train_step_lowers_loss_on_a_fixed_batch(name):
 def test_metrics_update_and_compute(name):
     task_head, make_batch = TASKS[name]
     module = FinetuneModule(BACKBONE, task_head, image_size=SIZE).eval()
-    batch = make_batch()
+    batch = module.on_after_batch_transfer(make_batch(), 0)
     if name == "pose":  # the metric needs the GT of every image
         for i, s in enumerate(synth_samples(6)):
             module.task.metric.add_ground_truth(
@@ -163,7 +165,7 @@ def test_published_pretraining_checkpoint_initialises_the_backbone(tmp_path):
     path = tmp_path / "sapiens_tiny_epoch_1_clean.pth"
     torch.save(state, path)
     module = FinetuneModule(BACKBONE, TASKS["seg"][0], image_size=SIZE, init_from=str(path))
-    assert module.init_report == {"missing": [], "unexpected": ["cls_token"]}
+    assert module.init_report == {"missing": [], "unexpected": ["cls_token"], "head": []}
     bb = module.backbone
     assert torch.equal(bb.blocks[1].mlp.fc1.weight, state["layers.1.ffn.layers.0.0.weight"])
     assert torch.equal(bb.norm.bias, state["ln1.bias"])
@@ -174,10 +176,14 @@ def test_published_pretraining_checkpoint_initialises_the_backbone(tmp_path):
 def test_published_finetuned_checkpoint_and_wrong_size(tmp_path):
     src = VisionTransformer(img_size=SIZE, pos_embed="learned", cls_token=False, **BACKBONE)
     state = {f"backbone.{k}": v for k, v in published_clean_state_no_cls(src).items()}
+    head = TASKS["depth"][0](in_channels=64, image_size=SIZE).head
+    state.update({f"decode_head.{k}": v + 1 for k, v in head.state_dict().items()})  # published head names
     path = tmp_path / "finetuned.pth"
     torch.save({"state_dict": state, "meta": {}}, path)
     module = FinetuneModule(BACKBONE, TASKS["depth"][0], image_size=SIZE, init_from=str(path))
     assert module.init_report["missing"] == [] and module.init_report["unexpected"] == []
+    assert "conv_seg.weight" in module.init_report["head"]
+    assert torch.equal(module.task.head.conv_seg.weight, state["decode_head.conv_seg.weight"])
     with pytest.raises(ValueError, match="wrong model size"):
         FinetuneModule(
             {**BACKBONE, "embed_dim": 128}, TASKS["depth"][0], image_size=SIZE, init_from=str(path)

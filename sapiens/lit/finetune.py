@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from lightning.pytorch.loggers import WandbLogger
 
-from sapiens.checkpoints import load_backbone_state
+from sapiens.checkpoints import load_backbone_state, load_head_state
 from sapiens.lit.base import SapiensModule
 from sapiens.models.vit import VisionTransformer
 from sapiens.tasks.base import Task
@@ -31,7 +31,8 @@ class FinetuneModule(SapiensModule):
         image_size: (H, W) of the inputs (1024 x 768 published).
         patch_padding: patch-embed conv padding (2 for pose and normals, 0 for seg and depth).
         init_from: a pretraining checkpoint: ours (Lightning ``.ckpt``), a published ``sapiens_*_clean.pth``
-            or a consolidated ZeRO fp32 file. None trains from random initialisation.
+            or a consolidated ZeRO fp32 file; a fine-tuned checkpoint (published or ours) also initialises the
+            head when it fits. None trains from random initialisation.
         drop_path_rate: stochastic depth (0 in every published config).
         grad_checkpointing: activation checkpointing in every block.
         num_pictures: validation samples drawn in the prediction picture (0 = none).
@@ -65,7 +66,10 @@ class FinetuneModule(SapiensModule):
             **backbone,
         )
         self.task = task_head(in_channels=self.backbone.embed_dim, image_size=tuple(image_size))
-        self.init_report = load_backbone_state(self.backbone, init_from) if init_from else None
+        self.init_report = None
+        if init_from:  # backbone always; the head too when the file is a fine-tuned model of this task
+            self.init_report = load_backbone_state(self.backbone, init_from)
+            self.init_report["head"] = load_head_state(self.task.head, init_from)
         self.num_pictures = num_pictures
         self._picture_batch: tuple[dict, torch.Tensor] | None = None
 
