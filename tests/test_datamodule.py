@@ -8,16 +8,12 @@ import pytest
 import torch
 
 from sapiens.data.datamodule import ShardDataModule
-from sapiens.data.pretrain_transform import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    PretrainTransform,
-    sample_resized_crop,
-)
+from sapiens.data.normalize import IMAGE_MEAN, IMAGE_STD, normalize_images
+from sapiens.data.pretrain_transform import PretrainTransform, sample_resized_crop
 from tests.test_shards import make_pretrain_shards
 
-MEAN = np.asarray(IMAGENET_MEAN, np.float32)
-STD = np.asarray(IMAGENET_STD, np.float32)
+MEAN = np.asarray(IMAGE_MEAN, np.float32)
+STD = np.asarray(IMAGE_STD, np.float32)
 
 
 def gradient_image(h: int = 48, w: int = 64) -> np.ndarray:
@@ -31,8 +27,10 @@ def test_pretrain_transform_shape_dtype_and_normalisation():
     constant[:] = (200, 100, 30)
     out = PretrainTransform((16, 24), seed=0)({"image": constant})
     assert set(out) == {"image"}
-    image = out["image"]
-    assert image.shape == (3, 16, 24) and image.dtype == torch.float32
+    assert out["image"].shape == (3, 16, 24) and out["image"].dtype == torch.uint8
+    assert torch.equal(out["image"][:, 5, 7], torch.tensor([200, 100, 30], dtype=torch.uint8))
+    image = normalize_images(out["image"])  # what the LightningModule does on the device
+    assert image.dtype == torch.float32
     expected = (np.array([200, 100, 30], np.float32) - MEAN) / STD
     np.testing.assert_allclose(image.mean(dim=(1, 2)).numpy(), expected, rtol=1e-5)
     np.testing.assert_allclose(image.std(dim=(1, 2)).numpy(), 0, atol=1e-5)
@@ -44,7 +42,7 @@ def test_full_image_crop_is_identity_up_to_flip(flip):
     transform = PretrainTransform((48, 64), scale=(1, 1), ratio=(64 / 48, 64 / 48), hflip_prob=flip)
     out = transform({"image": image})["image"].numpy().transpose(1, 2, 0)
     expected = image[:, ::-1] if flip else image
-    np.testing.assert_allclose(out * STD + MEAN, expected, atol=1e-3)
+    np.testing.assert_array_equal(out, expected)
 
 
 def test_resized_crop_boxes_respect_scale_ratio_and_bounds():
@@ -101,7 +99,8 @@ def test_datamodule_train_and_val_batches(tmp_path):
     assert len(loader) == 3
     batches = list(loader)
     assert len(batches) == 3
-    assert batches[0]["image"].shape == (4, 3, 16, 16) and batches[0]["image"].dtype == torch.float32
+    assert batches[0]["image"].shape == (4, 3, 16, 16) and batches[0]["image"].dtype == torch.uint8
+    assert batches[0]["image"].is_contiguous()
     assert batches[0]["num_skipped"].dtype == torch.int64
     val = list(dm.val_dataloader())
     assert sum(b["image"].shape[0] for b in val) == 11

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from sapiens.data.normalize import normalize_images
 from sapiens.data.pose_transform import IMAGE_MEAN, IMAGE_STD, TopDownPoseTransform
 from sapiens.data.topdown import (
     bbox_xywh_to_center_scale,
@@ -86,15 +87,17 @@ def test_val_outputs_shapes_weights_and_geometry():
     items = tf(sample)
     assert len(items) == 2
     item = items[0]
-    assert item["image"].shape == (3, 64, 48) and item["image"].dtype == torch.float32
+    assert item["image"].shape == (3, 64, 48) and item["image"].dtype == torch.uint8
     assert item["heatmaps"].shape == (17, 16, 12) and item["target_weight"].shape == (17,)
     assert item["center"].shape == (2,) and item["scale"].shape == (2,)
     assert item["image_id"] == 3 and item["bbox_score"] == 1.0 and item["area"] == 4000.0
     assert item["target_weight"][0] == 0 and torch.all(item["target_weight"][1:] == 1)
     assert torch.all(item["heatmaps"][0] == 0)
-    # normalisation: un-normalising gives uint8-range RGB
-    rgb = item["image"].numpy().transpose(1, 2, 0) * IMAGE_STD + IMAGE_MEAN
-    assert rgb.min() > -0.5 and rgb.max() < 255.5
+    # on the device the uint8 crop becomes (x - mean) / std
+    normalised = normalize_images(item["image"]).numpy()
+    rgb = item["image"].numpy().astype(np.float32)
+    expected = (rgb - IMAGE_MEAN[:, None, None]) / IMAGE_STD[:, None, None]
+    np.testing.assert_allclose(normalised, expected, rtol=1e-6, atol=1e-6)
     # decoding the targets and inverting the crop recovers the GT keypoints
     decoded, _ = tf.codec.decode(item["heatmaps"][None])
     back = crop_to_image(decoded[0], item["center"].numpy(), item["scale"].numpy(), (48, 64))
@@ -148,9 +151,7 @@ def test_train_flip_swaps_keypoints():
     # the image itself is mirrored: compare with the un-flipped val crop
     val = TopDownPoseTransform(kset, INPUT_HW, sigma=SIGMA, train=False)(sample)[0]
     # (cv2's fixed-point bilinear warp may round a few pixels one grey level apart)
-    diff = (
-        np.abs(item["image"].numpy() - val["image"].numpy()[..., ::-1]) * IMAGE_STD[:, None, None]
-    )
+    diff = np.abs(item["image"].numpy().astype(np.float32) - val["image"].numpy()[..., ::-1])
     assert diff.max() <= 1.01 and (diff > 0.01).mean() < 0.01
 
 

@@ -10,9 +10,10 @@ the ``--shards`` given, then measures
 (a) ``decode``: ``simplejpeg.decode_jpeg`` of the same JPEG bytes, held in memory, in this
     process on one thread: the per-core limit of any pipeline that decodes full images;
 (b) ``pipeline``: ``sapiens.data.shards.build_train_pipeline`` (pretrain reader +
-    ``PretrainTransform`` random-resized-crop/flip/normalise to ``--crop``, batches collated in
-    the workers) with ``num_workers`` 0, 1, 2, ...; images/s counted from the first batch on, so
-    worker start-up is excluded (and printed separately).
+    ``PretrainTransform`` random-resized-crop/flip to ``--crop``, uint8 batches collated in
+    the workers; normalisation runs later, on the device) with ``num_workers`` 0, 1, 2, ...;
+    images/s counted from the first batch on, so worker start-up is excluded (and printed
+    separately).
 
 The ratio pipeline / decode says how close the pipeline gets to one core's decode rate; values
 above 1 need several processes decoding in parallel.

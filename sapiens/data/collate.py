@@ -14,14 +14,33 @@ def _stackable(values: list[Any]) -> bool:
     return all(v.shape == first.shape and v.dtype == first.dtype for v in values)
 
 
+def _batch_tensor(values: list[torch.Tensor]) -> torch.Tensor:
+    """Stack into one new contiguous (B, ...) tensor, in shared memory inside a DataLoader worker.
+
+    Allocating the batch in shared memory up front (as torch's default collate does) saves the
+    extra copy that sending a worker's tensor to the main process would otherwise make; stacking
+    into a contiguous ``out`` also turns channel-first views of channel-last images
+    (``image_to_tensor``) into a plain (B, 3, H, W) layout in the same single copy.
+    """
+    first = values[0]
+    shape = (len(values), *first.shape)
+    if torch.utils.data.get_worker_info() is not None:
+        numel = len(values) * first.numel()
+        storage = first.untyped_storage()._new_shared(numel * first.element_size())
+        out = torch.empty(0, dtype=first.dtype).set_(storage).view(shape)
+    else:
+        out = torch.empty(shape, dtype=first.dtype)
+    return torch.stack(values, out=out)
+
+
 def _collate_values(values: list[Any]) -> Any:
     first = values[0]
     if isinstance(first, torch.Tensor) and all(isinstance(v, torch.Tensor) for v in values):
-        return torch.stack(values) if _stackable(values) else values
+        return _batch_tensor(values) if _stackable(values) else values
     if isinstance(first, np.ndarray) and all(isinstance(v, np.ndarray) for v in values):
         # Object/string arrays cannot become tensors; keep them as a list.
         if first.dtype.kind in "biuf" and _stackable(values):
-            return torch.from_numpy(np.stack(values))
+            return _batch_tensor([torch.from_numpy(np.ascontiguousarray(v)) for v in values])
         return values
     if all(isinstance(v, (bool, np.bool_)) for v in values):
         return torch.tensor([bool(v) for v in values])

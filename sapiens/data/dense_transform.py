@@ -29,8 +29,11 @@ import cv2
 import numpy as np
 import torch
 
-IMAGE_MEAN = np.array([123.675, 116.28, 103.53], dtype=np.float32)
-IMAGE_STD = np.array([58.395, 57.12, 57.375], dtype=np.float32)
+from sapiens.data import normalize
+
+# Re-exported: normalisation itself now runs on the device (``normalize_images``).
+IMAGE_MEAN = np.array(normalize.IMAGE_MEAN, dtype=np.float32)
+IMAGE_STD = np.array(normalize.IMAGE_STD, dtype=np.float32)
 # Goliath left/right body-part ids swapped by a horizontal flip (Left_Foot<->Right_Foot, ...).
 GOLIATH_SEG_SWAP_PAIRS: tuple[tuple[int, int], ...] = (
     (4, 13), (5, 14), (6, 15), (7, 16), (8, 17), (9, 18), (10, 19), (11, 20),
@@ -39,7 +42,7 @@ TASKS = ("seg", "depth", "normal")
 
 
 class DenseTransform:
-    """Decoded sample dict -> augmented, normalised torch tensors.
+    """Decoded sample dict -> augmented torch tensors (image uint8, labels as below).
 
     Args:
         task: "seg", "depth" or "normal".
@@ -59,7 +62,8 @@ class DenseTransform:
     "seg": (H, W) uint8 ids (255 ignore) | "depth": (H, W) float32 + "mask": (H, W) bool/uint8 |
     "normal": (H, W, 3) float32 + "mask"}.
 
-    Output: {"key": str, "image": (3, h, w) float32 normalised, and
+    Output: {"key": str, "image": (3, h, w) uint8 RGB (normalised on the device by
+    ``sapiens.data.normalize.normalize_images``), and
     "seg": (h, w) int64 | "depth": (h, w) float32 + "mask": (h, w) bool |
     "normal": (3, h, w) float32 + "mask": (h, w) bool}.
     """
@@ -121,7 +125,7 @@ class DenseTransform:
         image = arrays["image"]
         if self.train and self.photometric:
             image = _photometric_distortion(image, rng)
-        out: dict[str, Any] = {"key": sample.get("key", ""), "image": _normalise_image(image)}
+        out: dict[str, Any] = {"key": sample.get("key", ""), "image": normalize.image_to_tensor(image)}
         if self.task == "seg":
             out["seg"] = torch.from_numpy(np.ascontiguousarray(arrays["seg"])).long()
         elif self.task == "depth":
@@ -281,8 +285,3 @@ def _photometric_distortion(image: np.ndarray, rng: np.random.Generator) -> np.n
         img = img * contrast
     return np.clip(img, 0, 255).astype(np.uint8)
 
-
-def _normalise_image(image: np.ndarray) -> torch.Tensor:
-    """(h, w, 3) uint8 RGB -> (3, h, w) float32 with the ImageNet mean / std."""
-    normalised = (image.astype(np.float32) - IMAGE_MEAN) / IMAGE_STD
-    return torch.from_numpy(np.ascontiguousarray(normalised.transpose(2, 0, 1)))

@@ -21,6 +21,9 @@ import numpy as np
 import torch
 
 from sapiens.codecs.udp_heatmap import UDPHeatmap
+from sapiens.data.normalize import IMAGE_MEAN as IMAGE_MEAN_TUPLE
+from sapiens.data.normalize import IMAGE_STD as IMAGE_STD_TUPLE
+from sapiens.data.normalize import image_to_tensor
 from sapiens.data.topdown import (
     bbox_xywh_to_center_scale,
     fix_aspect_ratio,
@@ -33,8 +36,9 @@ from sapiens.labels import KeypointSet, load_keypoint_set
 
 __all__ = ["IMAGE_MEAN", "IMAGE_STD", "TopDownPoseTransform", "load_person_detections"]
 
-IMAGE_MEAN = np.array([123.675, 116.28, 103.53], dtype=np.float32)
-IMAGE_STD = np.array([58.395, 57.12, 57.375], dtype=np.float32)
+# Re-exported: normalisation itself now runs on the device (``normalize_images``).
+IMAGE_MEAN = np.array(IMAGE_MEAN_TUPLE, dtype=np.float32)
+IMAGE_STD = np.array(IMAGE_STD_TUPLE, dtype=np.float32)
 
 BBOX_PADDING = 1.25
 HALF_BODY_PADDING = 1.5
@@ -281,7 +285,8 @@ class TopDownPoseTransform:
                 "persons": [{"id", "bbox" (4,) xywh, "area", "keypoints" (K, 3)}]}``.
 
         Returns:
-            One dict per kept person: ``image`` float32 (3, H_in, W_in) normalised,
+            One dict per kept person: ``image`` uint8 (3, H_in, W_in) RGB (normalised later,
+            on the device, by ``normalize_images``),
             ``heatmaps`` float32 (K, h, w), ``target_weight`` float32 (K,), ``center``
             float32 (2,), ``scale`` float32 (2,) (image pixels, un-flipped box),
             ``image_id`` int, ``bbox_score`` float, ``area`` float. With detection boxes the
@@ -321,9 +326,8 @@ class TopDownPoseTransform:
         if self.train and self.photometric:
             crop = self._photometric(crop)
         heatmaps, weights = self.codec.encode(points, visible)
-        tensor = (crop.astype(np.float32) - IMAGE_MEAN) / IMAGE_STD
         return {
-            "image": torch.from_numpy(np.ascontiguousarray(tensor.transpose(2, 0, 1))),
+            "image": image_to_tensor(crop),
             "heatmaps": torch.from_numpy(heatmaps),
             "target_weight": torch.from_numpy(weights),
             "center": torch.from_numpy(center.astype(np.float32)),

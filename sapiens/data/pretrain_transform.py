@@ -1,4 +1,7 @@
-"""MAE pretraining augmentation: random resized crop, horizontal flip, normalisation (cv2)."""
+"""MAE pretraining augmentation: random resized crop and horizontal flip (cv2), uint8 output.
+
+Normalisation runs on the device (:func:`sapiens.data.normalize.normalize_images`).
+"""
 
 from __future__ import annotations
 
@@ -10,8 +13,10 @@ import cv2
 import numpy as np
 import torch
 
-IMAGENET_MEAN = (123.675, 116.28, 103.53)
-IMAGENET_STD = (58.395, 57.12, 57.375)
+from sapiens.data.normalize import IMAGE_MEAN, IMAGE_STD, image_to_tensor
+
+# Kept for callers that imported the statistics from here.
+IMAGENET_MEAN, IMAGENET_STD = IMAGE_MEAN, IMAGE_STD
 INTERPOLATIONS = {
     "nearest": cv2.INTER_NEAREST,
     "bilinear": cv2.INTER_LINEAR,
@@ -56,14 +61,17 @@ def sample_resized_crop(
 
 
 class PretrainTransform:
-    """Decoded pretraining sample -> ``{"image": float32 tensor (3, H, W)}``, normalised.
+    """Decoded pretraining sample -> ``{"image": uint8 tensor (3, H, W)}`` (RGB 0..255).
+
+    The image is not normalised here: the LightningModule does it on the device after the
+    batch transfer (:func:`sapiens.data.normalize.normalize_images`), which keeps the workers
+    cheap and the batches 4x smaller.
 
     Args:
         image_size: output (H, W), or one int for a square.
         scale: range of the crop's area fraction of the image.
         ratio: range of the crop's aspect ratio (w / h), sampled log-uniformly.
         hflip_prob: probability of a horizontal flip.
-        mean, std: per-channel RGB statistics on the 0..255 scale.
         interpolation: ``bicubic`` (default, as MAE), ``bilinear``, ``area`` or ``nearest``.
         antialias: before a large down-scale, halve the crop with ``cv2.pyrDown`` (Gaussian
             low-pass) while it stays at least twice the output size: cv2's cubic resize does
@@ -79,8 +87,6 @@ class PretrainTransform:
         scale: Sequence[float] = (0.2, 1.0),
         ratio: Sequence[float] = (3 / 4, 4 / 3),
         hflip_prob: float = 0.5,
-        mean: Sequence[float] = IMAGENET_MEAN,
-        std: Sequence[float] = IMAGENET_STD,
         interpolation: str = "bicubic",
         antialias: bool = True,
         seed: int | None = None,
@@ -94,14 +100,10 @@ class PretrainTransform:
             raise ValueError(f"ratio must satisfy 0 < lo <= hi, got {ratio}")
         if interpolation not in INTERPOLATIONS:
             raise ValueError(f"interpolation must be one of {sorted(INTERPOLATIONS)}")
-        if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
-            raise ValueError(f"mean and std need 3 values (std > 0), got {mean}, {std}")
         self.image_size = (int(size[0]), int(size[1]))
         self.scale = (float(scale[0]), float(scale[1]))
         self.ratio = (float(ratio[0]), float(ratio[1]))
         self.hflip_prob = float(hflip_prob)
-        self.mean = np.asarray(mean, dtype=np.float32)
-        self.inv_std = 1.0 / np.asarray(std, dtype=np.float32)
         self.interpolation = interpolation
         self.antialias = antialias
         self.rng = np.random.default_rng(seed)
@@ -111,7 +113,7 @@ class PretrainTransform:
         self.rng = np.random.default_rng(seed)
 
     def __call__(self, sample: dict[str, Any]) -> dict[str, torch.Tensor]:
-        """``sample["image"]``: (H, W, 3) uint8 RGB -> ``{"image": float32 (3, out_h, out_w)}``."""
+        """``sample["image"]``: (H, W, 3) uint8 RGB -> ``{"image": uint8 (3, out_h, out_w)}``."""
         image = sample["image"]
         if not (isinstance(image, np.ndarray) and image.ndim == 3 and image.shape[2] == 3):
             got = getattr(image, "shape", type(image).__name__)
@@ -126,6 +128,5 @@ class PretrainTransform:
                 crop = cv2.pyrDown(crop)
         resized = cv2.resize(crop, (out_w, out_h), interpolation=INTERPOLATIONS[self.interpolation])
         if self.rng.random() < self.hflip_prob:
-            resized = resized[:, ::-1]
-        normalised = (resized.astype(np.float32) - self.mean) * self.inv_std
-        return {"image": torch.from_numpy(np.ascontiguousarray(normalised.transpose(2, 0, 1)))}
+            resized = cv2.flip(resized, 1)  # a new array, not a negative-stride view
+        return {"image": image_to_tensor(resized)}

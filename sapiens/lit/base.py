@@ -6,6 +6,8 @@
 - A non-finite loss skips that optimizer update on every rank, is counted and logged, and a long run of
   them stops training with :class:`NonFiniteLossError`.
 - The gradient norm (before clipping) and the learning rate are logged.
+- uint8 images (what the sample transforms emit) are normalised on the device right after the
+  batch transfer, so data workers and host->device copies move 1 byte per pixel, not 4.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import lightning as L
 import torch
 from lightning.pytorch.strategies import DeepSpeedStrategy
 
+from sapiens.data.normalize import normalize_images
 from sapiens.optim import (
     ScheduleConfig,
     build_scheduler,
@@ -117,6 +120,22 @@ class SapiensModule(L.LightningModule):
         opt = torch.optim.AdamW(groups, lr=lr, betas=tuple(self.optim_cfg.betas), eps=self.optim_cfg.eps)
         sched = build_scheduler(opt, self.schedule_cfg, total)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # ------------------------------------------------------------------ data
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        """``batch["image"]`` uint8 (B, 3, H, W) -> float ``(x - mean) / std`` on the device.
+
+        The result is float32, or the precision plugin's input dtype (bf16 / fp16 with "*-true"
+        precisions and DeepSpeed): Lightning casts float inputs *before* the transfer, when the
+        image was still uint8. Float images (already normalised) pass through unchanged.
+        """
+        image = batch.get("image") if isinstance(batch, dict) else None
+        if isinstance(image, torch.Tensor) and image.dtype == torch.uint8:
+            image = normalize_images(image)
+            if self._trainer is not None:
+                image = self._trainer.precision_plugin.convert_input(image)
+            batch = {**batch, "image": image}
+        return batch
 
     # ------------------------------------------------------------------ non-finite guard
     def guard_loss(self, loss: torch.Tensor) -> torch.Tensor:
