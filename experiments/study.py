@@ -32,16 +32,10 @@ matplotlib.use("Agg")  # files only; no display on a CPU box or in tests
 import matplotlib.pyplot as plt  # noqa: E402
 
 from data.synthhumans.shards import build  # noqa: E402
+from experiments.demo import MAIN_METRICS  # noqa: E402  (task -> column, label, higher is better)
 from experiments.report import read_metrics_csv  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-# task -> (metrics.csv column, what it is, higher is better)
-MAIN_METRICS = {
-    "pose": ("val/AP", "OKS AP", True),
-    "seg": ("val/mIoU", "mIoU", True),
-    "depth": ("val/rmse", "RMSE (aligned)", False),
-    "normal": ("val/mean_angular_error", "mean angle (deg)", False),
-}
 TASKS = tuple(MAIN_METRICS)
 FINDINGS_MARKER = "<!-- findings: text below this line is kept when the study is rerun -->"
 
