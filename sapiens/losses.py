@@ -31,6 +31,28 @@ def _check_shape(name: str, tensor: torch.Tensor, ndim: int, expected: str) -> N
         raise ValueError(f"{name}: expected {expected}, got shape {tuple(tensor.shape)}")
 
 
+def _keypoint_squared_errors(
+    loss: str, pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None, use_weight: bool
+) -> torch.Tensor:
+    """Mean over (H, W) of ``w * (pred - target)^2`` per sample and keypoint: (B, K) float32.
+
+    pred, target: (B, K, H, W); weight: (B, K) (required when ``use_weight``). Computed in fp32 even under
+    bf16 autocast. ``loss`` names the caller in error messages.
+    """
+    if pred.shape != target.shape:
+        raise ValueError(
+            f"{loss}: pred {tuple(pred.shape)} and target {tuple(target.shape)} "
+            "must have the same (B, K, H, W) shape"
+        )
+    errors = ((pred.float() - target.float()) ** 2).mean(dim=(2, 3))
+    if use_weight:
+        if weight is None or weight.shape != pred.shape[:2]:
+            got = None if weight is None else tuple(weight.shape)
+            raise ValueError(f"{loss}: target_weight must be (B, K) = {tuple(pred.shape[:2])}, got {got}")
+        errors = errors * weight.to(errors.dtype)
+    return errors
+
+
 class KeypointMSELoss(nn.Module):
     """Heatmap MSE, optionally masked by per-keypoint target weights.
 
@@ -51,21 +73,10 @@ class KeypointMSELoss(nn.Module):
         self, pred: torch.Tensor, target: torch.Tensor, target_weight: torch.Tensor | None = None
     ) -> torch.Tensor:
         """pred, target: (B, K, H, W) float; target_weight: (B, K) float (0 = ignore). -> scalar."""
-        if pred.shape != target.shape:
-            raise ValueError(
-                f"KeypointMSELoss: pred {tuple(pred.shape)} and target {tuple(target.shape)} "
-                "must have the same (B, K, H, W) shape"
-            )
-        squared = (pred.float() - target.float()) ** 2  # fp32 even under bf16 autocast
-        if self.use_target_weight:
-            if target_weight is None or target_weight.shape != pred.shape[:2]:
-                got = None if target_weight is None else tuple(target_weight.shape)
-                raise ValueError(
-                    f"KeypointMSELoss: target_weight must be (B, K) = {tuple(pred.shape[:2])}, "
-                    f"got {got}"
-                )
-            squared = squared * target_weight[:, :, None, None].to(squared.dtype)
-        return squared.mean() * self.loss_weight
+        errors = _keypoint_squared_errors(
+            "KeypointMSELoss", pred, target, target_weight, self.use_target_weight
+        )
+        return errors.mean() * self.loss_weight  # equal H*W per keypoint: the mean over B*K*H*W
 
 
 class KeypointOHKMMSELoss(nn.Module):
@@ -80,9 +91,7 @@ class KeypointOHKMMSELoss(nn.Module):
         loss_weight: scalar multiplier.
     """
 
-    def __init__(
-        self, topk: int = 8, use_target_weight: bool = True, loss_weight: float = 1.0
-    ) -> None:
+    def __init__(self, topk: int = 8, use_target_weight: bool = True, loss_weight: float = 1.0) -> None:
         super().__init__()
         if topk <= 0:
             raise ValueError(f"KeypointOHKMMSELoss: topk must be positive, got {topk}")
@@ -94,26 +103,14 @@ class KeypointOHKMMSELoss(nn.Module):
         self, pred: torch.Tensor, target: torch.Tensor, target_weight: torch.Tensor | None = None
     ) -> torch.Tensor:
         """pred, target: (B, K, H, W) float; target_weight: (B, K) float. -> scalar."""
-        if pred.shape != target.shape:
-            raise ValueError(
-                f"KeypointOHKMMSELoss: pred {tuple(pred.shape)} and target "
-                f"{tuple(target.shape)} must have the same (B, K, H, W) shape"
-            )
         num_keypoints = pred.shape[1]
         if self.topk > num_keypoints:
             raise ValueError(
-                f"KeypointOHKMMSELoss: topk={self.topk} exceeds the number of keypoints "
-                f"{num_keypoints}"
+                f"KeypointOHKMMSELoss: topk={self.topk} exceeds the number of keypoints {num_keypoints}"
             )
-        per_keypoint = ((pred.float() - target.float()) ** 2).mean(dim=(2, 3))  # (B, K)
-        if self.use_target_weight:
-            if target_weight is None or target_weight.shape != pred.shape[:2]:
-                got = None if target_weight is None else tuple(target_weight.shape)
-                raise ValueError(
-                    f"KeypointOHKMMSELoss: target_weight must be (B, K) = "
-                    f"{tuple(pred.shape[:2])}, got {got}"
-                )
-            per_keypoint = per_keypoint * target_weight.to(per_keypoint.dtype)
+        per_keypoint = _keypoint_squared_errors(
+            "KeypointOHKMMSELoss", pred, target, target_weight, self.use_target_weight
+        )
         hardest, _ = per_keypoint.topk(self.topk, dim=1)
         return hardest.mean() * self.loss_weight
 
@@ -257,8 +254,7 @@ class NormalLoss(nn.Module):
         _check_shape("NormalLoss target", target, 4, "(B, 3, H, W)")
         if pred.shape[1] != 3 or target.shape[1] != 3:
             raise ValueError(
-                f"NormalLoss: pred {tuple(pred.shape)} and target {tuple(target.shape)} "
-                "need 3 channels"
+                f"NormalLoss: pred {tuple(pred.shape)} and target {tuple(target.shape)} need 3 channels"
             )
         pred = _resize_to(pred.float(), tuple(target.shape[-2:]))
         target = target.float()
