@@ -58,13 +58,22 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     data_root = Path(args.data_dir) / "synthhumans"
     build(data_root, args.train_images, args.val_images)
-    common = [f"paths.data_dir={args.data_dir}", f"paths.output_dir={args.output_dir}",
-              f"run_name={args.run_name}"]
+    common = [
+        f"paths.data_dir={args.data_dir}",
+        f"paths.output_dir={args.output_dir}",
+        f"run_name={args.run_name}",
+    ]
     train(["experiment=pretrain_demo", *common, f"trainer.max_steps={args.pretrain_steps}"])
     pretrained = Path(args.output_dir) / "pretrain" / args.run_name / "checkpoints" / "last.ckpt"
     for task in args.tasks:
-        train([f"experiment={task}_demo", *common, f"trainer.max_steps={args.finetune_steps}",
-               f"task.init_from={pretrained}"])
+        train(
+            [
+                f"experiment={task}_demo",
+                *common,
+                f"trainer.max_steps={args.finetune_steps}",
+                f"task.init_from={pretrained}",
+            ]
+        )
 
     rows = ["| task | metric | value | run directory |", "|---|---|---|---|"]
     for task in args.tasks:
@@ -77,8 +86,10 @@ def main(argv: list[str] | None = None) -> int:
     table = "\n".join(rows)
     summary = Path(args.output_dir) / f"{args.run_name}_summary.md"
     summary.write_text(f"MAE pretraining val/loss: {pre_loss}\n\n{table}\n")
-    print(f"\nMAE pretraining: final val/loss {pre_loss:.4f} "
-          f"(reconstructions in {Path(args.output_dir) / 'pretrain' / args.run_name / 'reconstructions'})")
+    print(
+        f"\nMAE pretraining: final val/loss {pre_loss:.4f} "
+        f"(reconstructions in {Path(args.output_dir) / 'pretrain' / args.run_name / 'reconstructions'})"
+    )
     print(table)
     print(f"\nDemo finished in {(time.perf_counter() - start) / 60:.1f} min; summary in {summary}")
     return 0

@@ -143,7 +143,7 @@ def load_head_state(head: nn.Module, path: str | Path) -> list[str]:
     """
     state = read_checkpoint(path)
     for prefix in HEAD_PREFIXES:
-        sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        sub = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
         if sub:
             break
     own = head.state_dict()

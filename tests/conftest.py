@@ -106,15 +106,30 @@ def synth_root(tmp_path_factory) -> Path:
 def pretrained_ckpt(synth_root, tmp_path_factory) -> Path:
     """A tiny MAE pretraining checkpoint (vit_tiny, 64x48) made through train.py."""
     out = tmp_path_factory.mktemp("pretrain_runs")
-    run_train([*TINY, f"data.root={synth_root}", f"paths.output_dir={out}", "run_name=pre",
-               "logger=csv", "trainer.max_steps=5"])
+    run_train(
+        [
+            *TINY,
+            f"data.root={synth_root}",
+            f"paths.output_dir={out}",
+            "run_name=pre",
+            "logger=csv",
+            "trainer.max_steps=5",
+        ]
+    )
     return out / "pretrain" / "pre" / "checkpoints" / "last.ckpt"
 
 
 # Fine-tuning overrides that shrink every demo preset to test size.
 TINY_FINETUNE = [
-    "model=vit_tiny", "task.image_size=[64,48]", "data.batch_size=8", "data.num_workers=0",
-    "data.epoch_length=4", "trainer.max_steps=8", "trainer.limit_val_batches=3",
-    "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false",
-    "trainer.enable_model_summary=false", "logger=csv",
+    "model=vit_tiny",
+    "task.image_size=[64,48]",
+    "data.batch_size=8",
+    "data.num_workers=0",
+    "data.epoch_length=4",
+    "trainer.max_steps=8",
+    "trainer.limit_val_batches=3",
+    "trainer.log_every_n_steps=1",
+    "trainer.enable_progress_bar=false",
+    "trainer.enable_model_summary=false",
+    "logger=csv",
 ]

@@ -80,9 +80,7 @@ def test_coco_round_trip(raw, tmp_path, keypoint_set, fields):
 
 def test_seg_depth_normal_round_trip(raw, tmp_path):
     convert_seg(raw / "images", raw / "segs", tmp_path / "seg", **QUIET)
-    convert_dense(
-        "depth", raw / "images", raw / "depths", tmp_path / "depth", raw / "masks", **QUIET
-    )
+    convert_dense("depth", raw / "images", raw / "depths", tmp_path / "depth", raw / "masks", **QUIET)
     convert_dense("normal", raw / "images", raw / "normals", tmp_path / "normal", **QUIET)
     seg = read_tar_samples(tmp_path / "seg")
     depth = read_tar_samples(tmp_path / "depth")
@@ -107,9 +105,7 @@ def test_missing_label_file(raw_copy, tmp_path):
     (raw_copy / "segs" / "000002.png").unlink()
     with pytest.raises(FileNotFoundError, match="000002.png"):
         convert_seg(raw_copy / "images", raw_copy / "segs", tmp_path / "a", **QUIET)
-    summary = convert_seg(
-        raw_copy / "images", raw_copy / "segs", tmp_path / "b", skip_bad=True, **QUIET
-    )
+    summary = convert_seg(raw_copy / "images", raw_copy / "segs", tmp_path / "b", skip_bad=True, **QUIET)
     assert (summary.samples, summary.skipped) == (NUM - 1, 1)
 
 
@@ -128,9 +124,7 @@ def test_unknown_class_id(raw_copy, tmp_path):
     cv2.imwrite(str(raw_copy / "segs" / "000005.png"), label)
     with pytest.raises(ValueError, match=r"000005\.png.*\[28, 40\]"):
         convert_seg(raw_copy / "images", raw_copy / "segs", tmp_path / "a", **QUIET)
-    summary = convert_seg(
-        raw_copy / "images", raw_copy / "segs", tmp_path / "b", num_classes=41, **QUIET
-    )
+    summary = convert_seg(raw_copy / "images", raw_copy / "segs", tmp_path / "b", num_classes=41, **QUIET)
     assert summary.samples == NUM
 
 

@@ -103,9 +103,7 @@ def test_rescoring_and_nms():
     kpts[:, 2] = np.where(np.arange(17) < 10, 0.9, 0.1)  # 7 scores below the 0.2 threshold
     dup = kpts.copy()
     dup[:, :2] += 0.5
-    keep = oks_nms(
-        np.stack([kpts, dup]), np.array([0.5, 0.9]), np.array([3e4, 3e4]), kset.sigmas, 0.9
-    )
+    keep = oks_nms(np.stack([kpts, dup]), np.array([0.5, 0.9]), np.array([3e4, 3e4]), kset.sigmas, 0.9)
     assert keep == [1]
     metric = KeypointAP(kset)
     metric.add_ground_truth(_gt_sample(7, [gt]))

@@ -92,10 +92,7 @@ def test_weighted_cross_entropy_resizes_logits_and_checks_labels() -> None:
 
 def test_goliath_class_weights_match_reference() -> None:
     # Reference sapiens.md 3b, copied from the published config text.
-    published = (
-        "0.1, 10, 3, 2, 4, 4, 2, 2, 6, 10, 3, 3, 1, 4, "
-        "4, 2, 2, 6, 10, 3, 3, 1, 1, 10, 10, 10, 10, 10"
-    )
+    published = "0.1, 10, 3, 2, 4, 4, 2, 2, 6, 10, 3, 3, 1, 4, 4, 2, 2, 6, 10, 3, 3, 1, 1, 10, 10, 10, 10, 10"
     assert list(GOLIATH_CLASS_WEIGHTS) == [float(v) for v in published.split(",")]
 
 
@@ -160,9 +157,7 @@ def test_normal_loss_masks_background_and_survives_zero_predictions() -> None:
     pred = torch.tensor([[1.0, 9.0], [0.0, 9.0], [0.0, 9.0]]).view(1, 3, 1, 2)
     assert float(NormalLoss()(pred, target)) == pytest.approx(0.0, abs=1e-6)
     target2 = torch.tensor([1.0, 0.0, 0.0]).view(1, 3, 1, 1).expand(1, 3, 1, 2)
-    assert float(NormalLoss()(pred, target2, torch.tensor([[[True, False]]]))) == pytest.approx(
-        0.0, abs=1e-6
-    )
+    assert float(NormalLoss()(pred, target2, torch.tensor([[[True, False]]]))) == pytest.approx(0.0, abs=1e-6)
     zero = torch.zeros(1, 3, 2, 2, requires_grad=True)
     value = NormalLoss()(zero, torch.ones(1, 3, 4, 4))
     value.backward()
@@ -203,13 +198,9 @@ def test_training_steps_lower_each_loss() -> None:
     assert last < 0.9 * first
 
     depth = torch.rand(2, 64, 48) + 0.2
-    first, last = _fit(
-        depth_head(16, (8,) * 4, (8,), dropout=0.0), lambda out: SiLogLoss()(out, depth)
-    )
+    first, last = _fit(depth_head(16, (8,) * 4, (8,), dropout=0.0), lambda out: SiLogLoss()(out, depth))
     assert last < 0.7 * first
 
     normals = torch.nn.functional.normalize(torch.randn(2, 3, 32, 24), dim=1)
-    first, last = _fit(
-        normal_head(16, (16,) * 3, (16,), dropout=0.0), lambda out: NormalLoss()(out, normals)
-    )
+    first, last = _fit(normal_head(16, (16,) * 3, (16,), dropout=0.0), lambda out: NormalLoss()(out, normals))
     assert last < 0.7 * first

@@ -114,9 +114,7 @@ def test_train_min_keypoints_and_determinism():
     tf = TopDownPoseTransform("coco17", INPUT_HW, sigma=SIGMA, train=True, min_keypoints=5, seed=7)
     items = tf(sample)
     assert len(items) == 1
-    again = TopDownPoseTransform(
-        "coco17", INPUT_HW, sigma=SIGMA, train=True, min_keypoints=5, seed=7
-    )(sample)
+    again = TopDownPoseTransform("coco17", INPUT_HW, sigma=SIGMA, train=True, min_keypoints=5, seed=7)(sample)
     assert torch.equal(items[0]["image"], again[0]["image"])
     assert items[0]["heatmaps"].shape == (17, 16, 12)
 

@@ -59,9 +59,7 @@ def load_coco(path: str | Path) -> dict[str, Any]:
         if not isinstance(ann, dict) or "image_id" not in ann:
             raise ValueError(f"{path}: annotations[{i}] has no 'image_id'")
         if ann["image_id"] not in known:
-            raise ValueError(
-                f"{path}: annotations[{i}] refers to unknown image_id {ann['image_id']}"
-            )
+            raise ValueError(f"{path}: annotations[{i}] refers to unknown image_id {ann['image_id']}")
     return coco
 
 
@@ -110,9 +108,7 @@ def convert_coco(
     ``shard_opts`` are passed to :func:`data.converters.seg.write_shards`.
     """
     if keypoint_set not in KEYPOINT_FIELDS:
-        raise ValueError(
-            f"--keypoints must be one of {sorted(KEYPOINT_FIELDS)}, got {keypoint_set}"
-        )
+        raise ValueError(f"--keypoints must be one of {sorted(KEYPOINT_FIELDS)}, got {keypoint_set}")
     images = Path(images)
     if not images.is_dir():
         raise FileNotFoundError(f"image folder {images} does not exist")
@@ -135,9 +131,7 @@ def convert_coco(
                 f"{path}: image is {width}x{height} (WxH) but {ann_file} says "
                 f"{entry.get('width')}x{entry.get('height')}"
             )
-        persons = [
-            person_record(a, keypoint_set, f"{ann_file}: annotation id {a.get('id')}") for a in anns
-        ]
+        persons = [person_record(a, keypoint_set, f"{ann_file}: annotation id {a.get('id')}") for a in anns]
         meta = {
             "image_id": int(entry["id"]),
             "file_name": str(entry["file_name"]),

@@ -175,9 +175,7 @@ def _on_ellipsoid(center: np.ndarray, rot: np.ndarray, radii: np.ndarray, direct
     return center + rot @ (d * scale)
 
 
-def build_person(
-    rng: np.random.Generator, position: np.ndarray, yaw: float, person_id: int
-) -> Person:
+def build_person(rng: np.random.Generator, position: np.ndarray, yaw: float, person_id: int) -> Person:
     """Sample proportions, pose and look, and build the posed person standing at ``position``.
 
     Args:
@@ -195,12 +193,7 @@ def build_person(
     kp = {}
     tol = {}
 
-    torso_rot = (
-        body_rot
-        @ rot_x(pose["torso_bend"])
-        @ rot_z(pose["torso_side"])
-        @ rot_y(pose["torso_twist"])
-    )
+    torso_rot = body_rot @ rot_x(pose["torso_bend"]) @ rot_z(pose["torso_side"]) @ rot_y(pose["torso_twist"])
     up = torso_rot[:, 1]
     neck_base = pelvis + up * p.torso
     shirt = look.upper if look.shirt else look.skin
@@ -209,13 +202,9 @@ def build_person(
     chest_r = np.array([p.shoulder_width * 0.5, p.torso * 0.33, p.chest_depth])
     prims.append(ellipsoid(pelvis + up * p.torso * 0.66, torso_rot, chest_r, shirt_part, shirt))
     belly_r = np.array([p.hip_width * 0.5 + p.r_upper_leg * 0.8, p.torso * 0.3, p.chest_depth])
-    prims.append(
-        ellipsoid(pelvis + up * p.torso * 0.32, torso_rot, belly_r * 0.95, shirt_part, shirt)
-    )
+    prims.append(ellipsoid(pelvis + up * p.torso * 0.32, torso_rot, belly_r * 0.95, shirt_part, shirt))
     hips_r = np.array([p.hip_width * 0.5 + p.r_upper_leg, p.torso * 0.17, p.chest_depth * 1.02])
-    prims.append(
-        ellipsoid(pelvis + up * p.torso * 0.1, torso_rot, hips_r, LOWER_CLOTHING, look.lower)
-    )
+    prims.append(ellipsoid(pelvis + up * p.torso * 0.1, torso_rot, hips_r, LOWER_CLOTHING, look.lower))
 
     side_x = {"left": 1.0, "right": -1.0}
     shoulder_y = p.torso * 0.92
@@ -223,14 +212,10 @@ def build_person(
         s: pelvis + torso_rot @ np.array([sx * p.shoulder_width * 0.5, shoulder_y, 0.0])
         for s, sx in side_x.items()
     }
-    prims.append(
-        capsule(shoulders["left"], shoulders["right"], p.r_upper_arm * 1.15, shirt_part, shirt)
-    )
+    prims.append(capsule(shoulders["left"], shoulders["right"], p.r_upper_arm * 1.15, shirt_part, shirt))
 
     # Neck and head.
-    head_rot = (
-        torso_rot @ rot_y(pose["head_yaw"]) @ rot_x(pose["head_pitch"]) @ rot_z(pose["head_roll"])
-    )
+    head_rot = torso_rot @ rot_y(pose["head_yaw"]) @ rot_x(pose["head_pitch"]) @ rot_z(pose["head_roll"])
     hr = p.head_radii
     head_c = neck_base + head_rot @ np.array([0.0, p.neck + hr[1] * 0.75, 0.01])
     prims.append(capsule(neck_base - up * 0.02, head_c, p.r_neck, FACE_NECK, look.skin))
@@ -313,9 +298,7 @@ def build_person(
         prims.append(capsule(hip, knee, p.r_upper_leg, ul_part, ul_mat, ul_rot))
         if not long_pants:  # shorts cover the top of the thigh
             shorts_end = hip + (knee - hip) * float(rng.uniform(0.3, 0.7))
-            prims.append(
-                capsule(hip, shorts_end, p.r_upper_leg * 1.12, LOWER_CLOTHING, look.lower, ul_rot)
-            )
+            prims.append(capsule(hip, shorts_end, p.r_upper_leg * 1.12, LOWER_CLOTHING, look.lower, ul_rot))
         prims.append(capsule(knee, ankle, p.r_lower_leg, ll_part, ll_mat, ll_rot))
         tol[f"{s}_knee"] = p.r_upper_leg * 1.1 + surface_tol
         tol[f"{s}_ankle"] = p.r_lower_leg * 1.1 + surface_tol

@@ -41,9 +41,7 @@ def _depth_panel(depth: np.ndarray) -> np.ndarray:
     if fg.any():
         lo, hi = float(depth[fg].min()), float(depth[fg].max())
         norm = 1.0 - (depth - lo) / max(hi - lo, 1e-6)  # near = warm
-        colored = cv2.applyColorMap(
-            (np.clip(norm, 0, 1) * 255).astype(np.uint8), cv2.COLORMAP_TURBO
-        )
+        colored = cv2.applyColorMap((np.clip(norm, 0, 1) * 255).astype(np.uint8), cv2.COLORMAP_TURBO)
         out[fg] = colored[..., ::-1][fg]
     return out
 

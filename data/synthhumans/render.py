@@ -110,9 +110,7 @@ def intersect_capsule(d: np.ndarray, a: np.ndarray, b: np.ndarray, r: float) -> 
     return np.where(t > 0, t, np.inf)
 
 
-def intersect_ellipsoid(
-    d: np.ndarray, center: np.ndarray, rot: np.ndarray, radii: np.ndarray
-) -> np.ndarray:
+def intersect_ellipsoid(d: np.ndarray, center: np.ndarray, rot: np.ndarray, radii: np.ndarray) -> np.ndarray:
     """Ray parameter t of the first hit of rays from the origin with an ellipsoid.
 
     Args:
@@ -133,9 +131,7 @@ def intersect_ellipsoid(
     return np.where((disc >= 0) & (t > 0), t, np.inf)
 
 
-def cast(
-    prims: list[Primitive], rays: np.ndarray, cam: Intrinsics
-) -> tuple[np.ndarray, np.ndarray]:
+def cast(prims: list[Primitive], rays: np.ndarray, cam: Intrinsics) -> tuple[np.ndarray, np.ndarray]:
     """Z-buffer all primitives (camera frame).
 
     Returns:

@@ -114,9 +114,7 @@ def render_sample(
     extent = np.ptp(main.keypoints[:, 1]) + 0.25
     fill = rng.uniform(0.5, 0.95)
     focal = fill * height * np.linalg.norm(target - cam_pos) / extent
-    cam = Intrinsics(
-        focal, width / 2 + rng.normal(0, 2), height / 2 + rng.normal(0, 2), height, width
-    )
+    cam = Intrinsics(focal, width / 2 + rng.normal(0, 2), height / 2 + rng.normal(0, 2), height, width)
 
     prims, kept = [], []
     for person in people:
@@ -145,9 +143,7 @@ def render_sample(
     light = np.array([rng.uniform(-1, 1), rng.uniform(-1.2, 0.3), -rng.uniform(0.3, 1.2)])
     light /= np.linalg.norm(light)
     light_color = rng.uniform(0.85, 1.15, 3) * rng.uniform(0.8, 1.25)
-    colors = shade(
-        prims, points, normals, fg_rays, fg_index, light, light_color, rng.uniform(0.2, 0.55)
-    )
+    colors = shade(prims, points, normals, fg_rays, fg_index, light, light_color, rng.uniform(0.2, 0.55))
 
     image = sample_background(rng, height, width)
     image[fg] = colors

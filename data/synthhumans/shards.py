@@ -23,28 +23,49 @@ from data.synthhumans.writer import generate_dataset
 READERS = ("pretrain", "pose", "seg", "depth", "normal")
 
 
-def build_split(root: Path, split: str, num: int, seed: int, height: int, width: int,
-                max_count: int = 64, progress: bool = True) -> dict[str, Path]:
+def build_split(
+    root: Path,
+    split: str,
+    num: int,
+    seed: int,
+    height: int,
+    width: int,
+    max_count: int = 64,
+    progress: bool = True,
+) -> dict[str, Path]:
     """Generate ``num`` images for ``split`` and write the shards of every task; returns shard folders."""
     raw = root / "raw" / split
     shards = {r: root / "shards" / r / split for r in READERS}
     if all(any(p.glob("*.tar")) for p in shards.values() if p.exists()) and all(
-            p.exists() for p in shards.values()):
+        p.exists() for p in shards.values()
+    ):
         return shards
     if not (raw / "annotations" / "person_keypoints.json").exists():
         generate_dataset(raw, num, seed=seed, height=height, width=width, progress=progress)
     opts = {"max_count": max_count, "overwrite": True, "progress": False}
     convert_images(raw / "images", shards["pretrain"], **opts)
-    convert_coco(raw / "annotations" / "person_keypoints.json", raw / "images", shards["pose"],
-                 keypoint_set="body17", **opts)
+    convert_coco(
+        raw / "annotations" / "person_keypoints.json",
+        raw / "images",
+        shards["pose"],
+        keypoint_set="body17",
+        **opts,
+    )
     convert_seg(raw / "images", raw / "segs", shards["seg"], **opts)
     convert_dense("depth", raw / "images", raw / "depths", shards["depth"], masks=raw / "masks", **opts)
     convert_dense("normal", raw / "images", raw / "normals", shards["normal"], masks=raw / "masks", **opts)
     return shards
 
 
-def build(root: str | Path, num_train: int = 800, num_val: int = 120, seed: int = 0, height: int = 256,
-          width: int = 192, progress: bool = True) -> Path:
+def build(
+    root: str | Path,
+    num_train: int = 800,
+    num_val: int = 120,
+    seed: int = 0,
+    height: int = 256,
+    width: int = 192,
+    progress: bool = True,
+) -> Path:
     """Both splits (different seeds, so validation images are unseen) under ``root``; returns root."""
     root = Path(root)
     start = time.perf_counter()

@@ -37,9 +37,7 @@ def _coco_category() -> dict[str, Any]:
 
     coco = load_keypoint_set("coco17")
     if list(coco.names) != list(KEYPOINT_NAMES[:NUM_BODY_KEYPOINTS]):
-        raise ValueError(
-            f"{coco.source}: keypoint order differs from the generator's COCO-17 order"
-        )
+        raise ValueError(f"{coco.source}: keypoint order differs from the generator's COCO-17 order")
     return {
         "id": 1,
         "name": "person",

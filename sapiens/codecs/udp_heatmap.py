@@ -45,8 +45,7 @@ class UDPHeatmap:
     ) -> None:
         if len(input_size) != 2 or len(heatmap_size) != 2:
             raise ValueError(
-                "input_size and heatmap_size must be (W, H) pairs, "
-                f"got {input_size}, {heatmap_size}"
+                f"input_size and heatmap_size must be (W, H) pairs, got {input_size}, {heatmap_size}"
             )
         if min(heatmap_size) < 2 or min(input_size) < 2:
             raise ValueError(f"sizes must be >= 2 pixels, got {input_size}, {heatmap_size}")
@@ -191,9 +190,7 @@ def _gaussian_blur_keep_max(heatmaps: torch.Tensor, kernel_size: int) -> torch.T
     return (blurred * ratio).reshape(b, k, h, w)
 
 
-def refine_dark_udp(
-    locs: torch.Tensor, heatmaps: torch.Tensor, blur_kernel_size: int = 11
-) -> torch.Tensor:
+def refine_dark_udp(locs: torch.Tensor, heatmaps: torch.Tensor, blur_kernel_size: int = 11) -> torch.Tensor:
     """DARK-UDP sub-pixel refinement: one Newton step on the log of the blurred heatmap.
 
     The peak of a Gaussian is where the gradient of its log vanishes; a second-order Taylor

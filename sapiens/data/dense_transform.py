@@ -86,9 +86,7 @@ class DenseTransform:
         if len(input_size) != 2 or min(input_size) < 1:
             raise ValueError(f"DenseTransform: input_size must be (H, W), got {input_size}")
         if len(scale_range) != 2 or not 0 < scale_range[0] <= scale_range[1]:
-            raise ValueError(
-                f"DenseTransform: scale_range must be (min, max) > 0, got {scale_range}"
-            )
+            raise ValueError(f"DenseTransform: scale_range must be (min, max) > 0, got {scale_range}")
         self.task = task
         self.input_size = (int(input_size[0]), int(input_size[1]))
         self.train = train
@@ -103,9 +101,7 @@ class DenseTransform:
             self.flip_lut[a], self.flip_lut[b] = b, a
 
     # ------------------------------------------------------------------ entry point
-    def __call__(
-        self, sample: Mapping[str, Any], rng: np.random.Generator | None = None
-    ) -> dict[str, Any]:
+    def __call__(self, sample: Mapping[str, Any], rng: np.random.Generator | None = None) -> dict[str, Any]:
         """Transform one decoded sample (see class doc). ``rng`` defaults to one seeded from
         torch's RNG, so ``torch.manual_seed`` / per-worker seeding make runs reproducible."""
         arrays = self._validated(sample)
@@ -159,9 +155,7 @@ class DenseTransform:
             )
         if self.task == "seg":
             if label.dtype != np.uint8:
-                raise ValueError(
-                    f"sample {key!r}: 'seg' must be uint8 class ids, got {label.dtype}"
-                )
+                raise ValueError(f"sample {key!r}: 'seg' must be uint8 class ids, got {label.dtype}")
             arrays["seg"] = label
             return arrays
         mask = sample.get("mask")
@@ -284,4 +278,3 @@ def _photometric_distortion(image: np.ndarray, rng: np.random.Generator) -> np.n
     if not contrast_first and contrast is not None:
         img = img * contrast
     return np.clip(img, 0, 255).astype(np.uint8)
-

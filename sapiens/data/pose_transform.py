@@ -127,18 +127,13 @@ class TopDownPoseTransform:
         min_keypoints: int = 1,
         seed: int | None = None,
     ) -> None:
-        self.kset = (
-            keypoint_set
-            if isinstance(keypoint_set, KeypointSet)
-            else load_keypoint_set(keypoint_set)
-        )
+        self.kset = keypoint_set if isinstance(keypoint_set, KeypointSet) else load_keypoint_set(keypoint_set)
         if len(input_size) != 2:
             raise ValueError(f"input_size must be (H, W), got {input_size}")
         self.input_h, self.input_w = (int(v) for v in input_size)
         if self.input_h % heatmap_stride or self.input_w % heatmap_stride:
             raise ValueError(
-                f"input_size {tuple(input_size)} must be divisible by "
-                f"heatmap_stride {heatmap_stride}"
+                f"input_size {tuple(input_size)} must be divisible by heatmap_stride {heatmap_stride}"
             )
         self.heatmap_size = (self.input_w // heatmap_stride, self.input_h // heatmap_stride)
         self.codec = UDPHeatmap((self.input_w, self.input_h), self.heatmap_size, sigma)
@@ -155,9 +150,7 @@ class TopDownPoseTransform:
         self.min_keypoints = int(min_keypoints)
         if bbox_file is not None and train:
             raise ValueError("bbox_file is only used in val mode (train=False)")
-        self.detections = (
-            load_person_detections(bbox_file, bbox_score_thr) if bbox_file is not None else None
-        )
+        self.detections = load_person_detections(bbox_file, bbox_score_thr) if bbox_file is not None else None
         self.seed = seed
         self._rng: np.random.Generator | None = None
         self._rng_pid = -1

@@ -183,8 +183,7 @@ def crop_to_image(
     rots = np.broadcast_to(np.asarray(rot, dtype=np.float32), (pts.shape[0],))
     if centers.shape[0] != pts.shape[0] or scales.shape[0] != pts.shape[0]:
         raise ValueError(
-            f"got {pts.shape[0]} keypoint sets but {centers.shape[0]} centres / "
-            f"{scales.shape[0]} scales"
+            f"got {pts.shape[0]} keypoint sets but {centers.shape[0]} centres / {scales.shape[0]} scales"
         )
     out = np.stack(
         [

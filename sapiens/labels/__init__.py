@@ -197,9 +197,7 @@ def _colors(raw: Any, count: int, path: Path, key: str) -> np.ndarray:
         return np.full((count, 3), 128, dtype=np.uint8)
     arr = np.asarray(raw)
     if arr.shape != (count, 3) or not np.issubdtype(arr.dtype, np.number):
-        raise ValueError(
-            f"{path}: key '{key}' must be {count} RGB triples, got shape {np.shape(raw)}"
-        )
+        raise ValueError(f"{path}: key '{key}' must be {count} RGB triples, got shape {np.shape(raw)}")
     if arr.min() < 0 or arr.max() > 255:
         raise ValueError(f"{path}: key '{key}' values must lie in 0..255")
     return arr.astype(np.uint8)
@@ -242,9 +240,7 @@ def load_keypoint_set(name_or_path: str | Path) -> KeypointSet:
     if not isinstance(groups_raw, dict):
         raise ValueError(f"{path}: key 'groups' must map group names to lists")
     groups = {
-        str(g): np.asarray(
-            [_to_index(i, names, path, f"groups.{g}") for i in members], dtype=np.int64
-        )
+        str(g): np.asarray([_to_index(i, names, path, f"groups.{g}") for i in members], dtype=np.int64)
         for g, members in groups_raw.items()
     }
     return KeypointSet(

@@ -68,16 +68,10 @@ class DepthMetrics(Metric):
         super().__init__(**kwargs)
         self.min_depth = min_depth
         for name in METRIC_NAMES:
-            self.add_state(
-                f"sum_{name}", default=torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum"
-            )
-        self.add_state(
-            "num_images", default=torch.zeros((), dtype=torch.long), dist_reduce_fx="sum"
-        )
+            self.add_state(f"sum_{name}", default=torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("num_images", default=torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
 
-    def update(
-        self, pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None
-    ) -> None:
+    def update(self, pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> None:
         """pred: (B, 1, h, w) or (B, h, w) relative depth; target: (B, H, W) camera depth;
         mask: (B, H, W) bool foreground (None = every pixel with valid GT)."""
         if target.ndim != 3:
@@ -94,9 +88,7 @@ class DepthMetrics(Metric):
                 f"DepthMetrics: mask {tuple(mask.shape)} must match target {tuple(target.shape)}"
             )
         if pred.shape[-2:] != target.shape[-2:]:
-            pred = F.interpolate(
-                pred.float(), size=target.shape[-2:], mode="bilinear", align_corners=False
-            )
+            pred = F.interpolate(pred.float(), size=target.shape[-2:], mode="bilinear", align_corners=False)
         pred = pred[:, 0].double()
         target = target.double()
         valid = torch.isfinite(target) & (target > self.min_depth) & torch.isfinite(pred)

@@ -112,9 +112,7 @@ class KeypointAP:
             self.sigmas = np.asarray(keypoint_set, dtype=np.float64)
             groups = {}
         if score_mode not in ("bbox_keypoint", "bbox", "keypoint"):
-            raise ValueError(
-                f"score_mode must be bbox_keypoint, bbox or keypoint, got {score_mode}"
-            )
+            raise ValueError(f"score_mode must be bbox_keypoint, bbox or keypoint, got {score_mode}")
         missing = [g for g in part_groups if g not in groups]
         if missing:
             raise ValueError(f"part_groups {missing} are not groups of the keypoint set")
@@ -185,9 +183,7 @@ class KeypointAP:
         kpts = np.asarray(keypoints, dtype=np.float64)
         ids = np.asarray(image_ids).reshape(-1)
         if kpts.ndim != 3 or kpts.shape[1:] != (self.num_keypoints, 3):
-            raise ValueError(
-                f"keypoints must be (N, {self.num_keypoints}, 3), got shape {kpts.shape}"
-            )
+            raise ValueError(f"keypoints must be (N, {self.num_keypoints}, 3), got shape {kpts.shape}")
         scores = np.asarray(bbox_scores, dtype=np.float64).reshape(-1)
         area = np.asarray(areas, dtype=np.float64).reshape(-1)
         if not len(ids) == len(scores) == len(area) == kpts.shape[0]:

@@ -37,9 +37,7 @@ def angular_error_deg(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     gx, gy, gz = target.to(dtype).unbind(dim=1)
     # atan2(|p x g|, p . g) is invariant to the lengths of p and g, so no normalisation pass
     # is needed; written out per component because strided norm / cross kernels are slow on CPU.
-    cross = torch.sqrt(
-        (py * gz - pz * gy) ** 2 + (pz * gx - px * gz) ** 2 + (px * gy - py * gx) ** 2
-    )
+    cross = torch.sqrt((py * gz - pz * gy) ** 2 + (pz * gx - px * gz) ** 2 + (px * gy - py * gx) ** 2)
     dot = px * gx + py * gy + pz * gz
     angle = torch.rad2deg(torch.atan2(cross, dot))
     nonzero = ((px * px + py * py + pz * pz) > 0) & ((gx * gx + gy * gy + gz * gz) > 0)
@@ -58,27 +56,19 @@ class NormalMetrics(Metric):
         f64 = torch.float64
         self.add_state("sum_error", default=torch.zeros((), dtype=f64), dist_reduce_fx="sum")
         self.add_state("sum_sq_error", default=torch.zeros((), dtype=f64), dist_reduce_fx="sum")
-        self.add_state(
-            "num_pixels", default=torch.zeros((), dtype=torch.long), dist_reduce_fx="sum"
-        )
+        self.add_state("num_pixels", default=torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
         self.add_state(
             "num_within",
             default=torch.zeros(len(THRESHOLDS_DEG), dtype=torch.long),
             dist_reduce_fx="sum",
         )
-        self.add_state(
-            "histogram", default=torch.zeros(NUM_BINS, dtype=torch.long), dist_reduce_fx="sum"
-        )
+        self.add_state("histogram", default=torch.zeros(NUM_BINS, dtype=torch.long), dist_reduce_fx="sum")
 
-    def update(
-        self, pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None
-    ) -> None:
+    def update(self, pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> None:
         """pred: (B, 3, h, w) raw normals (resized bilinearly to the target size if needed);
         target: (B, 3, H, W); mask: (B, H, W) bool foreground or None (all pixels)."""
         if target.ndim != 4 or target.shape[1] != 3:
-            raise ValueError(
-                f"NormalMetrics: target must be (B, 3, H, W), got {tuple(target.shape)}"
-            )
+            raise ValueError(f"NormalMetrics: target must be (B, 3, H, W), got {tuple(target.shape)}")
         if pred.ndim != 4 or pred.shape[:2] != target.shape[:2]:
             raise ValueError(
                 f"NormalMetrics: pred must be (B, 3, h, w) matching target "
@@ -86,13 +76,10 @@ class NormalMetrics(Metric):
             )
         if mask is not None and mask.shape != (target.shape[0], *target.shape[2:]):
             raise ValueError(
-                f"NormalMetrics: mask {tuple(mask.shape)} must be (B, H, W) of target "
-                f"{tuple(target.shape)}"
+                f"NormalMetrics: mask {tuple(mask.shape)} must be (B, H, W) of target {tuple(target.shape)}"
             )
         if pred.shape[-2:] != target.shape[-2:]:
-            pred = F.interpolate(
-                pred.float(), size=target.shape[-2:], mode="bilinear", align_corners=False
-            )
+            pred = F.interpolate(pred.float(), size=target.shape[-2:], mode="bilinear", align_corners=False)
         errors = angular_error_deg(pred, target)
         valid = torch.isfinite(errors)
         if mask is not None:

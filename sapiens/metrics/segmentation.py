@@ -44,15 +44,11 @@ class SegmentationMetrics(Metric):
         if num_classes < 1:
             raise ValueError(f"SegmentationMetrics: num_classes must be >= 1, got {num_classes}")
         if class_names is not None and len(class_names) != num_classes:
-            raise ValueError(
-                f"SegmentationMetrics: {len(class_names)} class_names for {num_classes} classes"
-            )
+            raise ValueError(f"SegmentationMetrics: {len(class_names)} class_names for {num_classes} classes")
         self.num_classes = num_classes
         self.ignore_index = ignore_index
         self.class_names = (
-            list(class_names)
-            if class_names is not None
-            else [f"class_{i}" for i in range(num_classes)]
+            list(class_names) if class_names is not None else [f"class_{i}" for i in range(num_classes)]
         )
         self.add_state(
             "confusion",
@@ -68,8 +64,7 @@ class SegmentationMetrics(Metric):
         if preds.ndim == target.ndim + 1:
             if preds.shape[1] != self.num_classes:
                 raise ValueError(
-                    f"SegmentationMetrics: logits have {preds.shape[1]} channels, expected "
-                    f"{self.num_classes}"
+                    f"SegmentationMetrics: logits have {preds.shape[1]} channels, expected {self.num_classes}"
                 )
             if preds.shape[-2:] != target.shape[-2:]:
                 preds = torch.nn.functional.interpolate(
@@ -87,9 +82,7 @@ class SegmentationMetrics(Metric):
         preds, target = preds[labelled], target[labelled]
         c = self.num_classes
         if target.numel() and (target.min() < 0 or target.max() >= c):
-            raise ValueError(
-                f"SegmentationMetrics: target labels must be in [0, {c}) or {self.ignore_index}"
-            )
+            raise ValueError(f"SegmentationMetrics: target labels must be in [0, {c}) or {self.ignore_index}")
         if preds.numel() and (preds.min() < 0 or preds.max() >= c):
             raise ValueError(f"SegmentationMetrics: predicted labels must be in [0, {c})")
         counts = torch.bincount(target * c + preds, minlength=c * c)

@@ -45,9 +45,7 @@ def _upsampling_layers(in_channels: int, channels: Sequence[int]) -> tuple[nn.Se
     layers: list[nn.Module] = []
     for out_channels in channels:
         layers += [
-            nn.ConvTranspose2d(
-                in_channels, out_channels, kernel_size=4, stride=2, padding=1, bias=False
-            ),
+            nn.ConvTranspose2d(in_channels, out_channels, kernel_size=4, stride=2, padding=1, bias=False),
             nn.InstanceNorm2d(out_channels, affine=False),
             nn.SiLU(inplace=True),
         ]

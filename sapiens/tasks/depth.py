@@ -66,7 +66,11 @@ class DepthTask(Task):
         rows = []
         for i in range(pred.shape[0]):
             mask = batch["mask"][i].cpu().numpy()
-            rows.append([denormalize(batch["image"][i]),
-                         colorize(-batch["depth"][i].cpu().numpy(), mask),
-                         colorize(-pred[i].cpu().numpy(), mask)])
+            rows.append(
+                [
+                    denormalize(batch["image"][i]),
+                    colorize(-batch["depth"][i].cpu().numpy(), mask),
+                    colorize(-pred[i].cpu().numpy(), mask),
+                ]
+            )
         return tile(rows)
