@@ -38,9 +38,11 @@ class ThroughputMonitor(L.Callback):
             if tokens_fn is not None:
                 tokens = images * tokens_fn(batch["image"])
                 pl_module.log("perf/tokens_per_s", tokens / dt, on_step=True, rank_zero_only=True)
-        if trainer.world_size > 1:
-            total = trainer.strategy.reduce(self.skipped.to(pl_module.device).float(), reduce_op="sum")
-        else:
+        # Lightning writes step metrics only every log_every_n_steps: sum over ranks just for those steps
+        # (the same predicate Lightning uses; it is equal on every rank, so all join the same reductions).
+        if trainer._logger_connector.should_update_logs:
             total = self.skipped.float()
-        pl_module.log("data/skipped_samples", total, on_step=True, rank_zero_only=True)
+            if trainer.world_size > 1:
+                total = trainer.strategy.reduce(total.to(pl_module.device), reduce_op="sum")
+            pl_module.log("data/skipped_samples", total, on_step=True, rank_zero_only=True)
         self._last = time.perf_counter()
