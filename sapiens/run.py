@@ -35,8 +35,8 @@ def build_datamodule(cfg: DictConfig) -> ShardDataModule:
         train_shards=data.train_shards,
         val_shards=data.get("val_shards"),
         reader=cfg.task.reader,
-        train_transform=instantiate(cfg.task.train_transform),
-        val_transform=instantiate(cfg.task.get("val_transform")),
+        train_transform=build_transform(cfg.task.train_transform, cfg.trainer.accelerator),
+        val_transform=build_transform(cfg.task.get("val_transform"), cfg.trainer.accelerator),
         batch_size=data.batch_size,
         val_batch_size=data.get("val_batch_size"),
         num_workers=data.num_workers,
@@ -45,6 +45,18 @@ def build_datamodule(cfg: DictConfig) -> ShardDataModule:
         shuffle_buffer=data.shuffle_buffer,
         seed=cfg.seed,
     )
+
+
+def build_transform(spec: DictConfig | None, accelerator: str):
+    """Instantiate a sample transform; ``resize_on: auto`` becomes ``device`` on an accelerator
+    and ``worker`` on CPU, where a resize in the main process would only slow the step down."""
+    if spec is None:
+        return None
+    if spec.get("resize_on") == "auto":
+        where = "worker" if accelerator == "cpu" else "device"
+        spec = OmegaConf.merge(spec, {"resize_on": where})
+        log.info("%s: resize_on=auto -> %s (trainer.accelerator=%s)", spec._target_, where, accelerator)
+    return instantiate(spec)
 
 
 def build_module(cfg: DictConfig) -> L.LightningModule:

@@ -104,11 +104,15 @@ def test_data_pipeline() -> None:
         "12",
     )
     rows = markdown_rows(out)
-    assert [r[4] for r in rows] == ["0", "1"]  # one row per worker setting
+    # one row per (resize place, worker setting); columns: images, KiB, crop, resize on, decode,
+    # workers, pipeline, ratio, first batch, device resize ms
+    expected = [("worker", "0"), ("worker", "1"), ("device", "0"), ("device", "1")]
+    assert [(r[3], r[5]) for r in rows] == expected
     for row in rows:
-        decode, pipeline, ratio = float(row[3]), float(row[5]), float(row[6])
+        decode, pipeline, ratio = float(row[4]), float(row[6]), float(row[7])
         assert decode > 0 and pipeline > 0
         assert ratio == pytest.approx(pipeline / decode, rel=0.05, abs=0.01)
+        assert (row[9] != "" and float(row[9]) > 0) == (row[3] == "device")  # device resize cost
 
 
 def test_keypoint_eval() -> None:

@@ -100,7 +100,7 @@ def test_datamodule_train_and_val_batches(tmp_path):
     batches = list(loader)
     assert len(batches) == 3
     assert batches[0]["image"].shape == (4, 3, 16, 16) and batches[0]["image"].dtype == torch.uint8
-    assert batches[0]["image"].is_contiguous()
+    assert batches[0]["image"].is_contiguous(memory_format=torch.channels_last)
     assert batches[0]["num_skipped"].dtype == torch.int64
     val = list(dm.val_dataloader())
     assert sum(b["image"].shape[0] for b in val) == 11

@@ -62,11 +62,13 @@ class _Batches(IterableDataset):
 
 
 @pytest.mark.parametrize("workers", [0, 1])
-def test_collate_builds_contiguous_uint8_batches(workers):
+def test_collate_builds_channel_last_uint8_batches(workers):
     images = _images(4, seed=workers)
     (batch,) = list(DataLoader(_Batches(images), batch_size=None, num_workers=workers))
     image = batch["image"]
-    assert image.shape == (4, 3, 12, 10) and image.dtype == torch.uint8 and image.is_contiguous()
+    assert image.shape == (4, 3, 12, 10) and image.dtype == torch.uint8
+    assert image.is_contiguous(memory_format=torch.channels_last)  # one plain copy per sample
+    assert normalize_images(image).is_contiguous()  # what the models get
     np.testing.assert_array_equal(image.permute(0, 2, 3, 1).numpy(), np.stack(images))
     assert batch["n"].tolist() == [0, 1, 2, 3]
 

@@ -172,3 +172,28 @@ def test_brace_pattern_needs_no_extra_quoting(pretrain_data_root, tmp_path):
         ]
     )
     assert proc.returncode == 0
+
+
+def test_pretrain_with_the_resize_on_the_device(pretrain_data_root, tmp_path):
+    """``resize_on=device``: workers only decode, the module crops and resizes after the transfer
+    (on CPU here, which is slower but exercises the same code); ``auto`` picks the worker on CPU."""
+    args = [
+        *TINY,
+        f"data.root={pretrain_data_root}",
+        f"paths.output_dir={tmp_path}",
+        "run_name=dev",
+        "logger=csv",
+        "trainer.max_steps=6",
+        "task.callbacks.reconstruction.every_n_steps=3",
+        "task.train_transform.resize_on=device",
+        "task.train_transform.fast_decode=true",
+    ]
+    run_train(args)
+    run_dir = tmp_path / "pretrain" / "dev"
+    rows = read_metrics(run_dir)
+    losses = column(rows, "train/loss")
+    assert len(losses) == 6 and all(torch.isfinite(torch.tensor(losses)))
+    assert column(rows, "val/loss") and column(rows, "perf/images_per_s")
+    assert len(list((run_dir / "reconstructions").glob("step_*.png"))) == 2
+    log = (run_dir / "train.rank0.log").read_text()
+    assert "resize_on=auto -> worker (trainer.accelerator=cpu)" in log  # the val transform

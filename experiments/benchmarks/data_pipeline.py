@@ -13,15 +13,20 @@ the ``--shards`` given, then measures
     ``PretrainTransform`` random-resized-crop/flip to ``--crop``, uint8 batches collated in
     the workers; normalisation runs later, on the device) with ``num_workers`` 0, 1, 2, ...;
     images/s counted from the first batch on, so worker start-up is excluded (and printed
-    separately).
+    separately). ``--resize-on worker device`` measures both places for the resize; with
+    ``device`` the table also gives what the resize then costs per image on this CPU
+    (``resize_crops`` in this process: an upper bound for an accelerator).
+    ``--fast-decode`` adds rows with libjpeg-turbo's fast IDCT and upsampling.
 
 The ratio pipeline / decode says how close the pipeline gets to one core's decode rate; values
-above 1 need several processes decoding in parallel.
+above 1 need several processes decoding in parallel, or decoding at reduced DCT scale (crops at
+least twice the output size, e.g. ``--sizes 2048x1536 --crop 1024x768``).
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import shutil
 import subprocess
@@ -36,6 +41,7 @@ import numpy as np
 import simplejpeg
 
 from experiments.benchmarks._common import REPO_ROOT, markdown_table
+from sapiens.data.device_resize import is_packed, resize_crops
 from sapiens.data.pretrain_transform import PretrainTransform
 from sapiens.data.shard_writer import brace_pattern, open_shard_writer
 from sapiens.data.shards import build_train_pipeline, expand_shards
@@ -107,15 +113,16 @@ def decode_rate(blobs: list[bytes], passes: int) -> float:
 
 
 def pipeline_rate(
-    spec: str, crop: tuple[int, int], batch: int, batches: int, workers: int
-) -> tuple[float, float]:
-    """(images/s after the first batch, seconds until the first batch) of the train pipeline."""
+    spec: str, crop: tuple[int, int], batch: int, batches: int, workers: int, transform: dict
+) -> tuple[float, float, float]:
+    """(images/s after the first batch, seconds until the first batch, device-resize ms per image
+    on this CPU or NaN) of the train pipeline with ``PretrainTransform(crop, **transform)``."""
     loader = build_train_pipeline(
         spec,
         batch_size=batch,
         epoch_length=batches,
         reader="pretrain",
-        sample_transform=PretrainTransform(crop),
+        sample_transform=PretrainTransform(crop, **transform),
         num_workers=workers,
         resampled=True,
         shuffle_buffer=batch,
@@ -124,25 +131,33 @@ def pipeline_rate(
     start = time.perf_counter()
     first = None
     count = 0
+    packed = None
     for out in loader:
         if first is None:
             first = time.perf_counter()
+            packed = out["image"] if is_packed(out["image"]) else None
         else:
-            count += out["image"].shape[0]
+            image = out["image"]
+            count += len(image["shapes"]) if is_packed(image) else image.shape[0]
     end = time.perf_counter()
-    return count / (end - first), first - start
+    resize_ms = float("nan")
+    if packed is not None:
+        t0 = time.perf_counter()
+        resize_crops(packed)
+        resize_ms = (time.perf_counter() - t0) * 1e3 / batch
+    return count / (end - first), first - start, resize_ms
 
 
 def pipeline_rate_isolated(
-    spec: str, crop: tuple[int, int], batch: int, batches: int, workers: int, timeout: float
-) -> tuple[float, float] | None:
+    spec: str, crop: tuple[int, int], batch: int, batches: int, workers: int, transform: dict, timeout: float
+) -> tuple[float, float, float] | None:
     """:func:`pipeline_rate` in a fresh interpreter; None if it did not finish in ``timeout`` s.
 
     A fresh process forks its DataLoader workers before doing any other work, as a training run
     does; in one long-lived process a worker forked after earlier cv2/torch work was once seen to
     hang before producing anything, so every setting is isolated and bounded in time.
     """
-    job = json.dumps([spec, list(crop), batch, batches, workers])
+    job = json.dumps([spec, list(crop), batch, batches, workers, transform])
     cmd = [sys.executable, "-m", "experiments.benchmarks.data_pipeline", "--child", job]
     try:
         proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout, check=True)
@@ -150,8 +165,7 @@ def pipeline_rate_isolated(
         return None
     except subprocess.CalledProcessError as err:
         raise RuntimeError(f"pipeline measurement failed: {err.stderr[-2000:]}") from None
-    rate, startup = json.loads(proc.stdout.strip().splitlines()[-1])
-    return rate, startup
+    return tuple(json.loads(proc.stdout.strip().splitlines()[-1]))
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -180,6 +194,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--batches", type=int, default=None, help="batches timed per worker setting (default: images / batch)"
     )
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument(
+        "--resize-on",
+        nargs="+",
+        choices=["worker", "device"],
+        default=["worker", "device"],
+        help="where PretrainTransform resizes the crop (both are measured by default)",
+    )
+    parser.add_argument("--fast-decode", action="store_true", help="also measure fast_decode=True")
     parser.add_argument("--passes", type=int, default=2, help="decode passes (best is kept)")
     parser.add_argument("--keep", default=None, help="write generated shards here and keep them")
     parser.add_argument("--timeout", type=float, default=120, help="seconds per pipeline setting")
@@ -196,8 +218,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     """Run the benchmark, print the table and return its rows."""
     args = parse_args(argv)
     if args.child:
-        spec, crop, batch, batches, workers = json.loads(args.child)
-        print(json.dumps(pipeline_rate(spec, tuple(crop), batch, batches, workers)))
+        spec, crop, batch, batches, workers, transform = json.loads(args.child)
+        print(json.dumps(pipeline_rate(spec, tuple(crop), batch, batches, workers, transform)))
         return []
     tmp = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="bench_shards_"))
     rows: list[dict] = []
@@ -220,11 +242,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
             decode = decode_rate(blobs, args.passes)
             kib = sum(len(b) for b in blobs) / len(blobs) / 1024
             batches = args.batches or max(2, len(blobs) // args.batch)
-            for workers in args.workers:
-                res = pipeline_rate_isolated(spec, crop, args.batch, batches, workers, args.timeout)
-                rate, startup = res if res is not None else (float("nan"), float("nan"))
+            settings = [
+                {"resize_on": where, "fast_decode": fast}
+                for where in args.resize_on
+                for fast in ([False, True] if args.fast_decode else [False])
+            ]
+            for transform, workers in itertools.product(settings, args.workers):
+                job = (spec, crop, args.batch, batches, workers, transform)
+                res = pipeline_rate_isolated(*job, args.timeout)
+                rate, startup, resize_ms = res if res is not None else (float("nan"),) * 3
+                name = transform["resize_on"] + (" fast" if transform["fast_decode"] else "")
                 print(
-                    f"{label} workers={workers}: "
+                    f"{label} {name} workers={workers}: "
                     + (f"{rate:.0f} img/s" if res else f"no result in {args.timeout:.0f} s"),
                     flush=True,
                 )
@@ -233,11 +262,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         "images": label,
                         "jpeg_kib": kib,
                         "crop": f"{crop[0]}x{crop[1]}",
+                        "resize": name,
                         "decode": decode,
                         "workers": workers,
                         "pipeline": rate,
                         "startup_s": startup,
                         "ratio": rate / decode,
+                        "device_ms": resize_ms,
                     }
                 )
     finally:
@@ -252,11 +283,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
             r["images"],
             f"{r['jpeg_kib']:.0f}",
             r["crop"],
+            r["resize"],
             f"{r['decode']:.0f}",
             r["workers"],
             f"{r['pipeline']:.0f}",
             f"{r['ratio']:.2f}",
             f"{r['startup_s']:.2f}",
+            "" if r["device_ms"] != r["device_ms"] else f"{r['device_ms']:.2f}",
         ]
         for r in rows
     ]
@@ -264,11 +297,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
         "images",
         "JPEG KiB",
         "crop",
+        "resize on",
         "decode img/s",
         "workers",
         "pipeline img/s",
         "pipeline/decode",
         "first batch s",
+        "device resize ms/img (this CPU)",
     ]
     print(markdown_table(header, table))
     return rows

@@ -1,5 +1,6 @@
-"""GPU-only checks: bf16 training, flash attention eligibility, activation-checkpointing memory, and
-DeepSpeed ZeRO stages through Lightning. Prints figures; on a machine without CUDA it says so and exits 0.
+"""GPU-only checks: bf16 training, flash attention eligibility, activation-checkpointing memory, the
+random-resized-crop on the GPU, and DeepSpeed ZeRO stages through Lightning. Prints figures; on a
+machine without CUDA it says so and exits 0.
 
     python -m experiments.benchmarks.gpu_checks [--model sapiens_0.3b] [--batch 4] [--steps 5]
                                                 [--skip-deepspeed]
@@ -14,11 +15,14 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from experiments.benchmarks._common import load_backbone_shape
+from sapiens.data.device_resize import pack_device_crops, resize_crops
+from sapiens.data.pretrain_transform import PretrainTransform
 from sapiens.models.heads import HeatmapHead
 from sapiens.models.mae import MaskedAutoencoder
 from sapiens.models.vit import VisionTransformer
@@ -111,6 +115,24 @@ def deepspeed_run(stage: int, out: Path) -> str:
     return "ok (ZeRO checkpoint folder written)" if ok else f"FAILED: {proc.stderr[-800:]}"
 
 
+def device_resize_ms(batch: int = 32, seed: int = 0) -> float:
+    """ms per image of ``resize_crops`` on the GPU: random crops of 1024x768 images to 1024x768
+    (what ``PretrainTransform(resize_on="device")`` moves off the CPU workers)."""
+    rng = np.random.default_rng(seed)
+    transform = PretrainTransform((1024, 768), resize_on="device", seed=seed)
+    image = rng.integers(0, 256, (1024, 768, 3), dtype=np.uint8)
+    crops = [transform({"image": image})["image"] for _ in range(batch)]
+    packed, _ = pack_device_crops(crops)
+    packed = {**packed, "packed": packed["packed"].cuda()}
+    resize_crops(packed)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(5):
+        resize_crops(packed)
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / 5 / batch * 1e3
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="sapiens_0.3b")
@@ -133,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
             f"MAE {args.model} 1024x1024 batch {args.batch} {str(dtype)[6:]}: {args.batch / sec:.1f} img/s, "
             f"peak {gib:.1f} GiB"
         )
+    print(f"random-resized-crop on the GPU (resize_on=device), 1024x768: {device_resize_ms():.3f} ms/img")
     for ckpt in (False, True):
         sec, gib = timed_steps(finetune_step(args.model, args.batch, ckpt), args.steps)
         print(

@@ -23,9 +23,10 @@ def image_to_tensor(image: np.ndarray) -> torch.Tensor:
     """(H, W, 3) uint8 RGB array -> (3, H, W) uint8 tensor sharing its memory where possible.
 
     The result is a channel-first *view* of channel-last memory (no copy); the batch collate
-    (:func:`sapiens.data.collate.collate_dicts`) writes it into a contiguous (B, 3, H, W) batch,
-    so each sample is copied once. Arrays with negative strides (e.g. ``a[:, ::-1]``) are made
-    contiguous first because torch cannot view them.
+    (:func:`sapiens.data.collate.collate_dicts`) copies it into a channel-last (B, H, W, 3) block
+    and returns a (B, 3, H, W) view of that, so each sample is copied once, without a transpose.
+    Arrays with negative strides (e.g. ``a[:, ::-1]``) are made contiguous first because torch
+    cannot view them.
     """
     if not (isinstance(image, np.ndarray) and image.ndim == 3 and image.shape[2] == 3):
         got = getattr(image, "shape", type(image).__name__)
@@ -52,8 +53,9 @@ def normalize_images(images: torch.Tensor, mean: tuple = IMAGE_MEAN, std: tuple 
     mean_t, std_t = _stats_on(images.device, tuple(mean), tuple(std))
     if images.ndim == 3:
         mean_t, std_t = mean_t[0], std_t[0]
-    # contiguous_format so that later .view() calls in the models work on any input layout.
-    return ((images.float() - mean_t) / std_t).contiguous()
+    # Batches arrive channel-last (see collate); the models .view() their input, so make it
+    # contiguous here, while it is still uint8 (a quarter of the bytes of the float copy).
+    return (images.contiguous().float() - mean_t) / std_t
 
 
 @functools.lru_cache(maxsize=16)

@@ -114,6 +114,25 @@ def read_pretrain(sample: dict[str, Any]) -> dict[str, Any]:
     return {"image": _image(sample), "key": _key(sample)}
 
 
+def read_pretrain_encoded(sample: dict[str, Any]) -> dict[str, Any]:
+    """Pretraining sample -> ``{"encoded": bytes, "image_hw": (H, W), "key": str}``, not decoded.
+
+    For transforms that decode themselves (``PretrainTransform`` decodes JPEGs at the reduced
+    DCT scale its crop allows). ``image_hw`` comes from the JPEG header (None for other formats
+    and unreadable headers); undecodable bytes are found, and skipped, when the transform decodes.
+    """
+    ext = next((e for e in IMAGE_EXTENSIONS if e in sample), "jpg")
+    data = _entry(sample, ext)
+    hw = None
+    if data[:3] == b"\xff\xd8\xff":
+        try:
+            h, w = simplejpeg.decode_jpeg_header(data)[:2]
+            hw = (int(h), int(w))
+        except (ValueError, RuntimeError):
+            pass  # left to the full decoder (and its cv2 fallback) in the transform
+    return {"encoded": data, "image_hw": hw, "key": _key(sample)}
+
+
 def _person(sample: dict[str, Any], raw: Any, index: int) -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise _fail(sample, f"json persons[{index}] is {type(raw).__name__}, expected an object")
@@ -207,11 +226,17 @@ READERS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
 }
 
 
-def get_reader(name: str | Callable[[dict[str, Any]], dict[str, Any]]) -> Callable:
+# Readers that leave images encoded, used when the sample transform has ``reads_encoded = True``.
+ENCODED_READERS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
+    "pretrain": read_pretrain_encoded,
+}
+
+
+def get_reader(name: str | Callable[[dict[str, Any]], dict[str, Any]], encoded: bool = False) -> Callable:
     """Look up a reader by name (``pretrain``, ``pose``, ``seg``, ``depth``, ``normal``) or pass a
-    callable through."""
+    callable through. ``encoded``: prefer the variant that leaves images encoded, if there is one."""
     if callable(name):
         return name
     if name not in READERS:
         raise ValueError(f"unknown reader {name!r}; choose one of {sorted(READERS)}")
-    return READERS[name]
+    return ENCODED_READERS.get(name, READERS[name]) if encoded else READERS[name]

@@ -37,6 +37,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import tarfile_samples
 
+from sapiens.data.batch_buffers import buffer_pool
 from sapiens.data.collate import collate_dicts
 from sapiens.data.readers import CorruptSampleError, get_reader
 
@@ -182,6 +183,7 @@ class ShardStream(IterableDataset):
         world_size: int,
         max_consecutive_bad_shards: int = 64,
         max_consecutive_skips: int = 10_000,
+        reuse_buffers: bool = True,
     ):
         super().__init__()
         self.urls, self.reader, self.sample_transform = urls, reader, sample_transform
@@ -190,6 +192,7 @@ class ShardStream(IterableDataset):
         self.rank, self.world_size = rank, world_size
         self.max_consecutive_bad_shards = max_consecutive_bad_shards
         self.max_consecutive_skips = max_consecutive_skips
+        self.reuse_buffers = reuse_buffers  # see sapiens.data.batch_buffers
         # Shared with worker processes so persistent workers see the new epoch too.
         self._epoch = mp.Value("q", 0)
 
@@ -261,19 +264,25 @@ class ShardStream(IterableDataset):
             yield from out if isinstance(out, list) else [out]
 
     def _batches(self, samples: Iterable[dict], tally: _Tally) -> Iterator[dict]:
-        def collate(batch: list[dict]) -> dict:
-            out = collate_dicts(batch)
+        def collate(batch: list[dict]) -> list[dict]:
+            """[the collated batch], or [] when every sample turned out corrupt while collating
+            (JPEGs decoded in the collate: ``PretrainTransform(resize_on="device")``; such a
+            batch loses its corrupt samples, so it can be smaller than ``batch_size``)."""
+            pool = buffer_pool() if self.reuse_buffers else None
+            out = collate_dicts(batch, pool, on_corrupt=tally.skip)
+            if out is None:
+                return []
             out["num_skipped"] = torch.tensor(tally.take(), dtype=torch.int64)
-            return out
+            return [out]
 
         batch: list[dict] = []
         for sample in samples:
             if len(batch) == self.batch_size:  # emit lazily so num_skipped sees trailing skips
-                yield collate(batch)
+                yield from collate(batch)
                 batch = []
             batch.append(sample)
         if batch and (len(batch) == self.batch_size or self.mode == "eval"):
-            yield collate(batch)
+            yield from collate(batch)
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
@@ -389,6 +398,7 @@ def build_train_pipeline(
     prefetch_factor: int | None = None,
     max_consecutive_bad_shards: int = 64,
     max_consecutive_skips: int = 10_000,
+    reuse_buffers: bool = True,
 ) -> ShardLoader:
     """Training loader yielding exactly ``epoch_length`` batches per rank and epoch.
 
@@ -399,7 +409,9 @@ def build_train_pipeline(
             allowed without resampling on a single rank: then an epoch is one shuffled pass over
             all shards, each worker dropping its last partial batch.
         reader: name in ``readers.READERS`` or a callable raw sample -> dict.
-        sample_transform: decoded dict -> dict | list[dict] | None (None drops the sample).
+        sample_transform: decoded dict -> dict | list[dict] | None (None drops the sample). A
+            transform with ``reads_encoded = True`` gets images still encoded, from the
+            reader's encoded variant (``readers.ENCODED_READERS``), and decodes them itself.
         resampled: draw shards with replacement (seeded per rank and worker); otherwise shuffle
             the shard list per epoch, split by rank then worker (needs at least
             ``world_size * max(1, num_workers)`` shards) and repeat it.
@@ -409,6 +421,8 @@ def build_train_pipeline(
         max_consecutive_bad_shards, max_consecutive_skips: a worker raises RuntimeError after
             this many shards in a row gave no sample / this many skips in a row, instead of
             spinning forever on an unreadable shard list.
+        reuse_buffers: workers build batches in recycled shared memory
+            (:mod:`sapiens.data.batch_buffers`); False allocates fresh memory per batch.
 
     Returns:
         A :class:`ShardLoader`; batches are dicts from ``collate.collate_dicts`` plus
@@ -431,7 +445,7 @@ def build_train_pipeline(
         )
     stream = ShardStream(
         urls,
-        get_reader(reader),
+        get_reader(reader, encoded=getattr(sample_transform, "reads_encoded", False)),
         sample_transform,
         int(batch_size),
         mode="resampled" if resampled else "shuffled",
@@ -442,6 +456,7 @@ def build_train_pipeline(
         world_size=world_size,
         max_consecutive_bad_shards=max_consecutive_bad_shards,
         max_consecutive_skips=max_consecutive_skips,
+        reuse_buffers=reuse_buffers,
     )
     return ShardLoader(stream, num_workers, pin_memory, persistent_workers, prefetch_factor, epoch_fn)
 
@@ -458,6 +473,7 @@ def build_eval_pipeline(
     pin_memory: bool = False,
     persistent_workers: bool = False,
     prefetch_factor: int | None = None,
+    reuse_buffers: bool = True,
 ) -> ShardLoader:
     """One ordered pass over this rank's shards (``shards[rank::world][worker::workers]``),
     partial last batch kept. Every sample is seen exactly once across ranks and workers; ranks
@@ -469,7 +485,7 @@ def build_eval_pipeline(
         raise ValueError(f"eval needs at least one shard per rank: {len(urls)} shards for {world_size} ranks")
     stream = ShardStream(
         urls,
-        get_reader(reader),
+        get_reader(reader, encoded=getattr(sample_transform, "reads_encoded", False)),
         sample_transform,
         int(batch_size),
         mode="eval",
@@ -478,5 +494,6 @@ def build_eval_pipeline(
         seed=0,
         rank=rank,
         world_size=world_size,
+        reuse_buffers=reuse_buffers,
     )
     return ShardLoader(stream, num_workers, pin_memory, persistent_workers, prefetch_factor)

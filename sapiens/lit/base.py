@@ -19,6 +19,7 @@ import lightning as L
 import torch
 from lightning.pytorch.strategies import DeepSpeedStrategy
 
+from sapiens.data.device_resize import is_packed, resize_crops
 from sapiens.data.normalize import normalize_images
 from sapiens.optim import (
     ScheduleConfig,
@@ -125,11 +126,16 @@ class SapiensModule(L.LightningModule):
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         """``batch["image"]`` uint8 (B, 3, H, W) -> float ``(x - mean) / std`` on the device.
 
+        Packed crops (``PretrainTransform(resize_on="device")``) are first resized and flipped
+        here, on the device (:func:`sapiens.data.device_resize.resize_crops`).
+
         The result is float32, or the precision plugin's input dtype (bf16 / fp16 with "*-true"
         precisions and DeepSpeed): Lightning casts float inputs *before* the transfer, when the
         image was still uint8. Float images (already normalised) pass through unchanged.
         """
         image = batch.get("image") if isinstance(batch, dict) else None
+        if is_packed(image):  # crops from PretrainTransform(resize_on="device")
+            image = resize_crops(image)
         if isinstance(image, torch.Tensor) and image.dtype == torch.uint8:
             image = normalize_images(image)
             if self._trainer is not None:
