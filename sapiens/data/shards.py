@@ -37,7 +37,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import tarfile_samples
 
-from sapiens.data.batch_buffers import buffer_pool
+from sapiens.data.batch_buffers import PoolFlags, buffer_pool
 from sapiens.data.collate import collate_dicts
 from sapiens.data.readers import CorruptSampleError, get_reader
 
@@ -193,6 +193,7 @@ class ShardStream(IterableDataset):
         self.max_consecutive_bad_shards = max_consecutive_bad_shards
         self.max_consecutive_skips = max_consecutive_skips
         self.reuse_buffers = reuse_buffers  # see sapiens.data.batch_buffers
+        self.pool_flags: PoolFlags | None = None  # set by ShardLoader before workers start
         # Shared with worker processes so persistent workers see the new epoch too.
         self._epoch = mp.Value("q", 0)
 
@@ -268,11 +269,11 @@ class ShardStream(IterableDataset):
             """[the collated batch], or [] when every sample turned out corrupt while collating
             (JPEGs decoded in the collate: ``PretrainTransform(resize_on="device")``; such a
             batch loses its corrupt samples, so it can be smaller than ``batch_size``)."""
-            pool = buffer_pool() if self.reuse_buffers else None
+            pool = buffer_pool(self.pool_flags) if self.reuse_buffers else None
             out = collate_dicts(batch, pool, on_corrupt=tally.skip)
             if out is None:
                 return []
-            out["num_skipped"] = torch.tensor(tally.take(), dtype=torch.int64)
+            out["num_skipped"] = tally.take()  # an int: a tensor would cost a hand-over of its own
             return [out]
 
         batch: list[dict] = []
@@ -326,6 +327,8 @@ class ShardLoader:
         epoch_fn: Callable[[], int] | None = None,
     ):
         self.stream = stream
+        if stream.reuse_buffers and num_workers > 0:
+            stream.pool_flags = PoolFlags(num_workers)
         self.epoch_fn = epoch_fn
         self.epoch = 0
         self.loader = DataLoader(
@@ -361,6 +364,7 @@ class ShardLoader:
         count = 0
         for batch in self.loader:
             count += 1
+            batch["num_skipped"] = torch.tensor(batch["num_skipped"], dtype=torch.int64)
             yield batch
         expected = self.stream.epoch_length
         if count == 0 or (expected is not None and count != expected):
