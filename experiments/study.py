@@ -2,6 +2,8 @@
 
     python -m experiments.study            # full study (~40 min on 2 CPU cores)
     python -m experiments.study --quick    # a few steps of everything (~1 min; used by the tests)
+    python -m experiments.study --model vit_tiny --out-dir experiments/study/vit_tiny \
+        --runs-dir runs/study_vit_tiny     # the second model size
 
 Steps: build SynthHumans shards, MAE-pretrain a small ViT, fine-tune pose / seg / depth / normal from
 (a) the MAE checkpoint and (b) random initialisation with the same budget and seed, then write
@@ -408,6 +410,7 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="where SynthHumans is generated (default: <runs-dir>/datasets)",
     )
+    parser.add_argument("--model", default=None, help="model config (default vit_small; or vit_tiny)")
     parser.add_argument("--pretrain-steps", type=int, default=None)
     parser.add_argument("--finetune-steps", type=int, default=None)
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
@@ -422,6 +425,8 @@ def main(argv: list[str] | None = None) -> int:
     variants = [parse_variant(v) for v in args.variant]
 
     budget = QUICK if args.quick else FULL
+    if args.model is not None:
+        budget.model = args.model
     if args.pretrain_steps is not None:
         budget.pretrain_steps = args.pretrain_steps
     if args.finetune_steps is not None:

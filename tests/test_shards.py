@@ -19,8 +19,9 @@ import torch
 
 from sapiens.data.collate import collate_dicts
 from sapiens.data.readers import READERS, CorruptSampleError
+from sapiens.data.shard_urls import expand_shards
 from sapiens.data.shard_writer import open_shard_writer
-from sapiens.data.shards import build_eval_pipeline, build_train_pipeline, expand_shards
+from sapiens.data.shards import build_eval_pipeline, build_train_pipeline
 
 
 def noise_jpeg(rng: np.random.Generator, h: int = 24, w: int = 32) -> bytes:

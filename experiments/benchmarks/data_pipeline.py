@@ -43,8 +43,9 @@ import simplejpeg
 from experiments.benchmarks._common import REPO_ROOT, markdown_table
 from sapiens.data.device_resize import is_packed, resize_crops
 from sapiens.data.pretrain_transform import PretrainTransform
+from sapiens.data.shard_urls import expand_shards
 from sapiens.data.shard_writer import brace_pattern, open_shard_writer
-from sapiens.data.shards import build_train_pipeline, expand_shards
+from sapiens.data.shards import build_train_pipeline
 
 
 def parse_size(text: str) -> tuple[int, int]:

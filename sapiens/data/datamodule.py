@@ -20,13 +20,8 @@ from typing import Any
 import lightning.pytorch as pl
 
 from sapiens.data.readers import READERS
-from sapiens.data.shards import (
-    ShardLoader,
-    build_eval_pipeline,
-    build_train_pipeline,
-    dist_info,
-    expand_shards,
-)
+from sapiens.data.shard_urls import expand_shards
+from sapiens.data.shards import ShardLoader, build_eval_pipeline, build_train_pipeline, dist_info
 
 
 class ShardDataModule(pl.LightningDataModule):

@@ -1,11 +1,11 @@
-"""Shard specs -> URL lists, and WebDataset train / eval pipelines that yield collated batches.
+"""WebDataset train / eval pipelines that yield collated batches (shard specs: ``shard_urls``).
 
 Stream per DataLoader worker (rank r of world W, worker w of N):
 shard urls -> tar samples (webdataset tar iterator; tar-level errors warned, counted, skipped)
 -> sample shuffle buffer -> reader (decode; corrupt samples warned, counted, skipped)
 -> ``sample_transform`` (dict, list of dicts flattened, or None to drop) -> batches, collated
-inside the worker, each carrying ``num_skipped`` (int64 scalar tensor: samples/tars skipped by
-that worker since its previous batch).
+inside the worker into reused shared memory (``batch_buffers``), each carrying ``num_skipped``
+(int64 scalar tensor: samples/tars skipped by that worker since its previous batch).
 
 Epochs (train): the loader yields exactly ``epoch_length`` batches per rank and epoch; worker w
 yields ``epoch_length // N`` batches plus one if ``w < epoch_length % N``, so the total does not
@@ -28,10 +28,8 @@ import random
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from itertools import islice
-from pathlib import Path
 from typing import Any
 
-import braceexpand
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -40,62 +38,9 @@ from webdataset.tariterators import tarfile_samples
 from sapiens.data.batch_buffers import PoolFlags, buffer_pool
 from sapiens.data.collate import collate_dicts
 from sapiens.data.readers import CorruptSampleError, get_reader
+from sapiens.data.shard_urls import expand_shards
 
 log = logging.getLogger(__name__)
-REMOTE_PREFIXES = ("http://", "https://", "pipe:", "s3://", "gs://", "ais://", "hf://")
-
-
-def _expand_one(spec: str, base: Path | None) -> list[str]:
-    spec = spec.strip()
-    if spec.startswith(REMOTE_PREFIXES):
-        return list(braceexpand.braceexpand(spec)) if not spec.startswith("pipe:") else [spec]
-    path = Path(spec.removeprefix("file:")).expanduser()
-    if base is not None and not path.is_absolute():
-        path = base / path
-    if path.suffix == ".txt" and path.is_file():
-        lines = [ln.strip() for ln in path.read_text().splitlines()]
-        urls = []
-        for line in lines:
-            if line and not line.startswith("#"):
-                urls.extend(_expand_one(line, path.parent))
-        return urls
-    if path.is_dir():
-        return [str(p) for p in sorted(path.glob("*.tar"))]
-    return list(braceexpand.braceexpand(str(path)))
-
-
-def expand_shards(spec: str | Sequence[str], check_local: bool = True) -> list[str]:
-    """Turn a shard spec into a list of shard URLs.
-
-    Accepted: a brace pattern (``/data/shard-{000000..000099}.tar``); several specs joined by
-    ``::`` or given as a list; a ``.txt`` file with one spec per line (``#`` comments; relative
-    paths are relative to the file's folder); a folder (all ``*.tar`` in it); ``http(s)://``,
-    ``s3://``... URLs (braces expanded) and ``pipe:`` commands, passed through unchecked.
-
-    Raises:
-        ValueError: the spec expands to no shard at all.
-        FileNotFoundError: local shards are missing (says which pattern, how many, first few).
-    """
-    specs = spec.split("::") if isinstance(spec, str) else list(spec)
-    urls: list[str] = []
-    for one in specs:
-        if not isinstance(one, (str, os.PathLike)):
-            raise ValueError(f"shard spec entries must be strings, got {type(one).__name__}")
-        expanded = _expand_one(str(one), None)
-        if not expanded:
-            raise ValueError(f"shard spec {str(one)!r} matches no shard (empty list file/folder?)")
-        if check_local:
-            local = [u.removeprefix("file:") for u in expanded if not u.startswith(REMOTE_PREFIXES)]
-            missing = [u for u in local if not os.path.isfile(u)]
-            if missing:
-                raise FileNotFoundError(
-                    f"shard spec {str(one)!r}: {len(missing)} of {len(expanded)} shards are "
-                    f"missing, e.g. {missing[:3]}"
-                )
-        urls.extend(expanded)
-    if not urls:
-        raise ValueError(f"shard spec {spec!r} is empty")
-    return urls
 
 
 def derive_seed(*parts: int) -> int:

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from sapiens.codecs.udp_heatmap import UDPHeatmap, flip_heatmaps
-from sapiens.data.shards import expand_shards
+from sapiens.data.shard_urls import expand_shards
 from sapiens.data.topdown import crop_to_image
 from sapiens.labels import load_keypoint_set
 from sapiens.losses import KeypointMSELoss, KeypointOHKMMSELoss

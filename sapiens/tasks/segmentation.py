@@ -61,8 +61,10 @@ class SegmentationTask(Task):
         return {k: float(v) for k, v in self.metric.compute().items()}
 
     def report(self) -> str:
-        """Markdown table of per-class IoU / Acc of the last computed validation."""
-        return self.metric.markdown_table()
+        """Markdown table of per-class IoU / Acc of the last computed validation, from the confusion
+        matrix summed over all ranks (a collective: every rank calls this, as the module does)."""
+        with self.metric.sync_context():
+            return self.metric.markdown_table()
 
     def reset_metrics(self) -> None:
         self.metric.reset()
