@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import lightning as L
 import numpy as np
 import pytest
 import torch
@@ -115,3 +116,14 @@ def test_trainer_delivers_normalised_images_in_the_precision_dtype(tmp_path, pre
     )
     trainer.fit(module, DataLoader(_Batches(_images(2)), batch_size=None))
     assert module.seen and all(d == dtype for d in module.seen)
+
+
+def test_step_flags_ride_in_the_nonfinite_check():
+    """Callback flags (e.g. the Slurm requeue request) are reduced with the non-finite check."""
+    module = SapiensModule(optimizer={"lr": 1e-3})
+    module.trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
+    module.step_flag_sources.update(requeue=lambda: True, other=lambda: False)
+    module.guard_loss(torch.tensor(1.0))
+    assert module.step_flags == {"requeue": True, "other": False} and not module._skip_update
+    module.guard_loss(torch.tensor(float("nan")))
+    assert module._skip_update and module.step_flags["requeue"]

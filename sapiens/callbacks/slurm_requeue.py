@@ -4,7 +4,9 @@ Lightning's SLURMEnvironment saves ``hpc_ckpt_N.ckpt`` and requeues from inside 
 several ranks, the signal can land while one rank already waits in a collective (a per-step reduce, a
 checkpoint barrier) and another starts the checkpoint's barrier instead: both hang until the time limit.
 This callback only sets a flag in the handler; after each training batch the ranks agree (max-reduce of
-the flag) and all run Lightning's own save-and-requeue at the same step.
+the flag) and all run Lightning's own save-and-requeue at the same step. With our LightningModules the
+flag rides in the non-finite-loss check's all-reduce (``step_flag_sources``), so it costs no collective
+of its own; other modules get a separate max-reduce.
 """
 
 from __future__ import annotations
@@ -33,14 +35,21 @@ class SlurmRequeueAtStepBoundary(L.Callback):
             # Registered before Lightning's signal connector runs, which keeps a handler it finds.
             signal.signal(env.requeue_signal, self._flag)
             self._active = True
+            if isinstance(getattr(pl_module, "step_flag_sources", None), dict):
+                pl_module.step_flag_sources["slurm_requeue"] = lambda: self.requested
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if not self._active:
             return
-        flag = torch.tensor(float(self.requested), device=pl_module.device)
-        if trainer.world_size > 1:
-            flag = trainer.strategy.reduce(flag, reduce_op="max")
-        if flag.item() > 0:
+        step_flags = getattr(pl_module, "step_flags", None)
+        if isinstance(step_flags, dict) and "slurm_requeue" in step_flags:
+            requested = step_flags.pop("slurm_requeue")  # reduced over ranks in guard_loss
+        else:
+            flag = torch.tensor(float(self.requested), device=pl_module.device)
+            if trainer.world_size > 1:
+                flag = trainer.strategy.reduce(flag, reduce_op="max")
+            requested = flag.item() > 0
+        if requested:
             self.requested = False
             # Lightning's own handler: save the hpc checkpoint on every rank, then `scontrol requeue`.
             trainer._signal_connector._slurm_sigusr_handler_fn(self._signum or signal.SIGUSR1, None)

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import lightning as L
@@ -71,6 +72,11 @@ class SapiensModule(L.LightningModule):
         self.nonfinite_total = 0
         self._nonfinite_streak = 0
         self._skip_update = False
+        # Per-step flags that callbacks want max-reduced over ranks: sampled in guard_loss and reduced
+        # in the same collective as the non-finite check (one all-reduce and one host sync per step);
+        # the reduced values land in ``step_flags`` (see callbacks/slurm_requeue.py).
+        self.step_flag_sources: dict[str, Callable[[], bool]] = {}
+        self.step_flags: dict[str, bool] = {}
 
     # ------------------------------------------------------------------ optimizer
     def param_group_args(self) -> dict:
@@ -146,11 +152,18 @@ class SapiensModule(L.LightningModule):
     # ------------------------------------------------------------------ non-finite guard
     def guard_loss(self, loss: torch.Tensor) -> torch.Tensor:
         """Return ``loss``, or a zero loss still connected to every parameter when it is non-finite
-        on any rank (so DDP's gradient all-reduce still happens); the update is then skipped."""
-        bad = torch.tensor(float(not torch.isfinite(loss.detach()).item()), device=loss.device)
+        on any rank (so DDP's gradient all-reduce still happens); the update is then skipped.
+
+        The callbacks' ``step_flag_sources`` ride along in the same max-reduce (``step_flags``)."""
+        names = list(self.step_flag_sources)
+        local = [~torch.isfinite(loss.detach())]
+        local += [torch.tensor(bool(self.step_flag_sources[n]()), device=loss.device) for n in names]
+        flags = torch.stack(local).float()
         if self.trainer.world_size > 1:
-            bad = self.trainer.strategy.reduce(bad, reduce_op="max")
-        self._skip_update = bool(bad.item() > 0)
+            flags = self.trainer.strategy.reduce(flags, reduce_op="max")
+        bad, *rest = (value > 0 for value in flags.tolist())  # the one host sync of the step
+        self.step_flags = dict(zip(names, rest, strict=True))
+        self._skip_update = bad
         if not self._skip_update:
             self._nonfinite_streak = 0
             return loss
