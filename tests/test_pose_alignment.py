@@ -30,6 +30,9 @@ def test_keypoint_targets_land_on_the_silhouette(name):
         sigma=2.0,
         train=True,
         photometric=False,
+        blur_prob=0.0,
+        median_blur_prob=0.0,
+        coarse_dropout_prob=0.0,
         seed=0,
         **AUGMENTATIONS[name],
     )

@@ -134,6 +134,9 @@ def test_train_flip_swaps_keypoints():
         scale_range=(1.0, 1.0),
         rotate_prob=0.0,
         photometric=False,
+        blur_prob=0.0,
+        median_blur_prob=0.0,
+        coarse_dropout_prob=0.0,
         seed=0,
     )
     item = tf(sample)[0]
@@ -202,3 +205,38 @@ def test_bad_inputs():
         TopDownPoseTransform("coco17", (62, 48))
     with pytest.raises(FileNotFoundError):
         TopDownPoseTransform("coco17", INPUT_HW, train=False, bbox_file="/nonexistent.json")
+
+
+def test_blur_and_coarse_dropout_follow_the_published_recipe():
+    rng = np.random.default_rng(5)
+    sample = _sample(rng, n_persons=1)
+    plain = dict(
+        flip_prob=0.0, half_body_prob=0.0, shift_prob=0.0, scale_range=(1.0, 1.0), rotate_prob=0.0,
+        photometric=False, seed=0,
+    )  # fmt: skip
+    off = dict(blur_prob=0.0, median_blur_prob=0.0, coarse_dropout_prob=0.0)
+    base = TopDownPoseTransform("coco17", INPUT_HW, sigma=SIGMA, **plain, **off)(sample)[0]
+    dropped = TopDownPoseTransform(
+        "coco17", INPUT_HW, sigma=SIGMA, **plain, **{**off, "coarse_dropout_prob": 1.0}
+    )
+    item = dropped(sample)[0]
+    changed = (item["image"] != base["image"]).any(dim=0).numpy()
+    rows, cols = np.nonzero(changed)
+    # one rectangle, 0.2-0.4 of the 64x48 crop in each direction, filled with zeros
+    h, w = rows.max() - rows.min() + 1, cols.max() - cols.min() + 1
+    assert 0.2 * 64 - 1 <= h <= 0.4 * 64 + 1 and 0.2 * 48 - 1 <= w <= 0.4 * 48 + 1
+    hole = item["image"][:, rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
+    assert (hole == 0).all()
+    torch.testing.assert_close(item["heatmaps"], base["heatmaps"])  # targets untouched
+    blurred = TopDownPoseTransform("coco17", INPUT_HW, sigma=SIGMA, **plain, **{**off, "blur_prob": 1.0})(
+        sample
+    )[0]
+    assert not torch.equal(blurred["image"], base["image"])
+
+    # a box blur removes high frequencies: neighbouring pixels differ less
+    def roughness(img):
+        return img.float().diff(dim=-1).abs().mean()
+
+    assert roughness(blurred["image"]) < roughness(base["image"])
+    with pytest.raises(ValueError, match="coarse_dropout_size"):
+        TopDownPoseTransform("coco17", INPUT_HW, coarse_dropout_size=(0.5, 0.2))

@@ -100,6 +100,10 @@ class TopDownPoseTransform:
         flip_prob, half_body_prob, shift_factor, shift_prob, scale_range, rotate, rotate_prob:
             augmentation settings (train only); ``rotate`` is the max angle in degrees.
         photometric: brightness/contrast/saturation/hue jitter (train only).
+        blur_prob, median_blur_prob: box / median blur with an odd kernel of 3-7 px (train only;
+            the published recipe's Albumentations ``Blur`` and ``MedianBlur``, p 0.1 each).
+        coarse_dropout_prob, coarse_dropout_size: one hole of (0.2-0.4 H) x (0.2-0.4 W) filled with
+            zeros, p 1.0 (Albumentations ``CoarseDropout`` as published); targets are unchanged.
         bbox_file: val only; COCO results JSON of person detections used instead of GT boxes.
         bbox_score_thr: minimum detection score kept from ``bbox_file``.
         min_keypoints: persons with fewer labelled keypoints (v > 0) are skipped (val: at least 1).
@@ -122,6 +126,10 @@ class TopDownPoseTransform:
         rotate: float = 80.0,
         rotate_prob: float = 0.6,
         photometric: bool = True,
+        blur_prob: float = 0.1,
+        median_blur_prob: float = 0.1,
+        coarse_dropout_prob: float = 1.0,
+        coarse_dropout_size: Sequence[float] = (0.2, 0.4),
         bbox_file: str | None = None,
         bbox_score_thr: float = 0.0,
         min_keypoints: int = 1,
@@ -147,6 +155,12 @@ class TopDownPoseTransform:
         self.rotate = rotate
         self.rotate_prob = rotate_prob
         self.photometric = photometric
+        self.blur_prob, self.median_blur_prob = float(blur_prob), float(median_blur_prob)
+        self.coarse_dropout_prob = float(coarse_dropout_prob)
+        lo, hi = (float(v) for v in coarse_dropout_size)
+        if not 0 < lo <= hi <= 1:
+            raise ValueError(f"coarse_dropout_size must satisfy 0 < lo <= hi <= 1, got {coarse_dropout_size}")
+        self.coarse_dropout_size = (lo, hi)
         self.min_keypoints = int(min_keypoints)
         if bbox_file is not None and train:
             raise ValueError("bbox_file is only used in val mode (train=False)")
@@ -269,6 +283,25 @@ class TopDownPoseTransform:
             out *= rng.uniform(0.5, 1.5)
         return np.clip(out, 0, 255).astype(np.uint8)
 
+    def _degrade(self, img: np.ndarray) -> np.ndarray:
+        """Blur (p ``blur_prob``), median blur (p ``median_blur_prob``), then one zero-filled hole
+        (p ``coarse_dropout_prob``), in the published order. uint8 (H, W, 3) -> same."""
+        rng = self.rng
+        if rng.random() < self.blur_prob:
+            k = int(rng.choice((3, 5, 7)))
+            img = cv2.blur(img, (k, k))
+        if rng.random() < self.median_blur_prob:
+            img = cv2.medianBlur(img, int(rng.choice((3, 5, 7))))
+        if rng.random() < self.coarse_dropout_prob:
+            h, w = img.shape[:2]
+            lo, hi = self.coarse_dropout_size
+            hole_h = int(rng.integers(max(1, round(lo * h)), max(1, round(hi * h)) + 1))
+            hole_w = int(rng.integers(max(1, round(lo * w)), max(1, round(hi * w)) + 1))
+            top, left = int(rng.integers(0, h - hole_h + 1)), int(rng.integers(0, w - hole_w + 1))
+            img = img.copy() if not img.flags.writeable else img
+            img[top : top + hole_h, left : left + hole_w] = 0
+        return img
+
     # ------------------------------------------------------------------ main entry
     def __call__(self, sample: dict[str, Any]) -> list[dict[str, Any]]:
         """Crop every person of a decoded pose sample.
@@ -318,6 +351,8 @@ class TopDownPoseTransform:
             points, visible = points[self.kset.flip_index], visible[self.kset.flip_index]
         if self.train and self.photometric:
             crop = self._photometric(crop)
+        if self.train:
+            crop = self._degrade(crop)
         heatmaps, weights = self.codec.encode(points, visible)
         return {
             "image": image_to_tensor(crop),
