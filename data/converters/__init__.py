@@ -8,7 +8,7 @@ by ``data/make_shards.py``. The function registers one (or more) subcommands::
         parser.add_argument(...)
         parser.set_defaults(func=run)      # run(args: argparse.Namespace) -> int | None
 
-Converters write shards with ``sapiens.data.shard_writer.open_shard_writer`` in the schemas of
-notes/COMMON.md and raise ``ValueError`` / ``FileNotFoundError`` with a message naming the bad
+Converters write shards with ``sapiens.data.shard_writer.open_shard_writer`` in the schemas listed in
+sapiens/data/readers.py and raise ``ValueError`` / ``FileNotFoundError`` with a message naming the bad
 input; the dispatcher prints those as one-line errors (exit status 2).
 """

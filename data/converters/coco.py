@@ -3,7 +3,7 @@
     python -m data.make_shards coco --ann person_keypoints.json --images DIR --out OUT
         [--keypoints body17|body_foot23|wholebody133] [--keep-empty] [--skip-bad] ...
 
-One sample per image holding all of its person annotations (schema in notes/COMMON.md). The
+One sample per image holding all of its person annotations (schema in sapiens/data/readers.py). The
 keypoint rows concatenate the annotation fields of the chosen set, in COCO-WholeBody order:
 body17 = keypoints; body_foot23 = + foot_kpts; wholebody133 = + face_kpts + lefthand_kpts +
 righthand_kpts. Images without annotations are skipped unless ``--keep-empty``.

@@ -4,9 +4,16 @@ Every reader takes the raw sample dict produced by the tar iterator and returns 
 arrays; any failure (missing entry, undecodable bytes, inconsistent shapes) raises
 :class:`CorruptSampleError` naming the sample key, so the pipeline can skip and count it.
 
-Schemas (see notes/COMMON.md): pretrain ``jpg``; pose ``jpg`` + ``json``; seg ``jpg`` +
-``seg.png``; depth ``jpg`` + ``depth.npy`` + ``mask.png``; normal ``jpg`` + ``normal.npy`` +
-``mask.png``.
+Shard schemas (what ``data/make_shards.py`` writes; one tar member per entry, ``jpg`` may also be
+``jpeg`` or ``png``):
+
+- pretrain: ``jpg``;
+- pose: ``jpg`` + ``json`` = ``{"image_id": int, "width": int, "height": int, "persons": [{"id": int,
+  "bbox": [x, y, w, h], "area": float, "iscrowd": 0|1, "keypoints": [[x, y, v], ...]}]}``
+  (K rows in the keypoint set's order, v = 0 unlabelled / 1 occluded / 2 visible);
+- seg: ``jpg`` + ``seg.png`` (8-bit class ids, 255 = ignore);
+- depth: ``jpg`` + ``depth.npy`` (H, W) float + ``mask.png`` (nonzero = valid);
+- normal: ``jpg`` + ``normal.npy`` (H, W, 3) float unit vectors + ``mask.png``.
 """
 
 from __future__ import annotations
