@@ -160,6 +160,8 @@ def validate_config(cfg: DictConfig) -> None:
         _fail("data.num_workers", f"expected an integer >= 0, got {data.get('num_workers')!r}")
     if not isinstance(data.get("resampled"), bool):
         _fail("data.resampled", f"expected true or false, got {data.get('resampled')!r}")
+    if data.get("pin_memory", "auto") not in ("auto", True, False):
+        _fail("data.pin_memory", f"expected auto, true or false, got {data.get('pin_memory')!r}")
     if not data.get("train_shards"):
         _fail("data.train_shards", "no training shards given")
 

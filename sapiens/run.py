@@ -44,7 +44,12 @@ def build_datamodule(cfg: DictConfig) -> ShardDataModule:
         epoch_length=data.epoch_length,
         shuffle_buffer=data.shuffle_buffer,
         seed=cfg.seed,
+        pin_memory=_auto(data.get("pin_memory", "auto"), cfg.trainer.accelerator != "cpu"),
     )
+
+
+def _auto(value, default: bool) -> bool:
+    return default if value == "auto" else bool(value)
 
 
 def build_transform(spec: DictConfig | None, accelerator: str):

@@ -64,6 +64,7 @@ def test_defaults_are_the_published_pretraining_recipe():
         ("data.batch_size=0", "data.batch_size"),
         ("model.backbone.num_heads=5", "model.backbone.num_heads"),
         ("task.reader=video", "task.reader"),
+        ("data.pin_memory=sometimes", "data.pin_memory"),
     ],
 )
 def test_validation_names_the_bad_key(override, key):
@@ -83,3 +84,14 @@ def test_cli_reports_one_line_error(tmp_path: Path):
     assert proc.returncode == 2
     assert "config key 'trainer.max_steps': expected int, got 'abc'" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_auto_settings_follow_the_accelerator():
+    """data.pin_memory and the pretraining resize_on resolve from trainer.accelerator."""
+    from sapiens.run import build_datamodule
+
+    cpu = build_datamodule(compose_cfg(["data.train_shards=/x.tar"]))
+    assert cpu.pin_memory is False and cpu.train_transform.resize_on == "worker"
+    gpu = build_datamodule(compose_cfg(["data.train_shards=/x.tar", "trainer=gpu"]))
+    assert gpu.pin_memory is True and gpu.train_transform.resize_on == "device"
+    assert gpu.val_transform.resize_on == "device"
