@@ -273,7 +273,9 @@ class ShardLoader:
     ):
         self.stream = stream
         if stream.reuse_buffers and num_workers > 0:
-            stream.pool_flags = PoolFlags(num_workers)
+            # A worker has at most prefetch_factor batches queued, plus the one the main process
+            # holds and one in the pin-memory copy: more buffers would only sit in /dev/shm.
+            stream.pool_flags = PoolFlags(num_workers, capacity=(prefetch_factor or 2) + 2)
         self.epoch_fn = epoch_fn
         self.epoch = 0
         self.loader = DataLoader(
