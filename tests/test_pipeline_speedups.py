@@ -157,7 +157,8 @@ def test_device_resize_matches_the_worker_resize():
     ]
     crops.append(DeviceCrop((96, 72), boxes[0], True, (120, 96), encoded=data))  # decoded when packed
     packed, failed = pack_device_crops(crops)
-    assert failed == [] and is_packed(packed) and packed["packed"].numel() == 4 * 120 * 96 * 3
+    assert failed == [] and is_packed(packed)
+    assert packed["packed"].numel() == (3 * 120 * 96 + 60 * 45) * 3  # the small crop 1 is cut down
     out = resize_crops(packed)
     assert out.shape == (4, 3, 96, 72) and out.dtype == torch.uint8
     exact = np.ascontiguousarray(image[:96, :72][:, ::-1]).transpose(2, 0, 1)
@@ -168,6 +169,20 @@ def test_device_resize_matches_the_worker_resize():
         worker = worker[:, ::-1] if crops[i].flip else worker
         diff = np.abs(out[i].numpy().transpose(1, 2, 0).astype(int) - worker.astype(int))
         assert diff.mean() < 1.5, diff.mean()  # two bicubic kernels, same picture
+
+
+def test_small_crops_of_large_images_are_cut_down_before_the_transfer():
+    rng = np.random.default_rng(1)
+    image = rng.integers(0, 256, (200, 160, 3), dtype=np.uint8)
+    small, large = (30, 20, 60, 50), (0, 0, 150, 120)  # 9% and 56% of the image
+    crops = [DeviceCrop((48, 36), box, False, (200, 160), pixels=image) for box in (large, small, large)]
+    packed, _ = pack_device_crops(crops)
+    assert packed["shapes"] == [(200, 160), (60, 50), (200, 160)]
+    assert packed["boxes"] == [large, (0, 0, 60, 50), large]
+    assert packed["packed"].numel() == (2 * 200 * 160 + 60 * 50) * 3
+    uncut = resize_crops({**packed, "packed": torch.from_numpy(np.concatenate([image.ravel()] * 3)),
+                          "shapes": [(200, 160)] * 3, "boxes": [large, small, large]})  # fmt: skip
+    torch.testing.assert_close(resize_crops(packed), uncut)
 
 
 @pytest.mark.parametrize("workers", [0, 2])
