@@ -20,11 +20,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import simplejpeg
 import torch
 import torch.nn.functional as F
 
 from sapiens.data.batch_buffers import BufferPool
+from sapiens.data.readers import decode_jpeg_at_size
 
 __all__ = ["DeviceCrop", "is_packed", "pack_device_crops", "resize_crops"]
 
@@ -39,7 +39,8 @@ class DeviceCrop:
         flip: flip horizontally after resizing.
         decoded_hw: (h, w) of the decoded image.
         pixels: the decoded (h, w, 3) uint8 RGB image, or None to decode ``encoded`` when packing.
-        encoded: JPEG bytes (used when ``pixels`` is None), decoded at 1/``dct_scale``.
+        encoded: JPEG bytes (used when ``pixels`` is None), decoded at the DCT scale that gives
+            ``decoded_hw``.
         key: sample key, for the message when the JPEG turns out to be corrupt.
     """
 
@@ -49,7 +50,6 @@ class DeviceCrop:
     decoded_hw: tuple[int, int]
     pixels: np.ndarray | None = None
     encoded: bytes | None = None
-    dct_scale: int = 1
     fast_decode: bool = False
     interpolation: str = "bicubic"
     antialias: bool = True
@@ -57,22 +57,10 @@ class DeviceCrop:
 
     def decode_into(self, out: np.ndarray) -> None:
         """Write the (h, w, 3) decoded image into ``out`` (flat uint8, h * w * 3 long)."""
-        h, w = self.decoded_hw
         if self.pixels is not None:
-            out.reshape(h, w, 3)[...] = self.pixels
-            return
-        scaled = self.dct_scale > 1
-        image = simplejpeg.decode_jpeg(
-            self.encoded,
-            colorspace="RGB",
-            fastdct=self.fast_decode,
-            fastupsample=self.fast_decode,
-            min_height=h if scaled else 0,
-            min_width=w if scaled else 0,
-            buffer=out,
-        )
-        if image.shape[:2] != (h, w):
-            raise ValueError(f"decoded to {image.shape[:2]}, expected {(h, w)}")
+            out.reshape(*self.decoded_hw, 3)[...] = self.pixels
+        else:
+            decode_jpeg_at_size(self.encoded, self.decoded_hw, self.fast_decode, buffer=out)
 
 
 def pack_device_crops(

@@ -16,11 +16,10 @@ from typing import Any
 
 import cv2
 import numpy as np
-import simplejpeg
 
 from sapiens.data.device_resize import DeviceCrop
 from sapiens.data.normalize import IMAGE_MEAN, IMAGE_STD, image_to_tensor
-from sapiens.data.readers import CorruptSampleError, decode_image_bytes
+from sapiens.data.readers import CorruptSampleError, decode_image_bytes, decode_jpeg_at_size
 
 # Kept for callers that imported the statistics from here.
 IMAGENET_MEAN, IMAGENET_STD = IMAGE_MEAN, IMAGE_STD
@@ -77,19 +76,6 @@ def dct_scale_for_crop(crop_hw: tuple[int, int], out_hw: tuple[int, int]) -> int
         if crop_hw[0] >= factor * out_hw[0] and crop_hw[1] >= factor * out_hw[1]:
             return factor
     return 1
-
-
-def decode_jpeg_scaled(data: bytes, image_hw: tuple[int, int], factor: int, fast: bool) -> np.ndarray:
-    """(H, W, 3) uint8 RGB of the JPEG ``data`` decoded at 1/``factor`` scale (ceil of the size)."""
-    min_h, min_w = -(-image_hw[0] // factor), -(-image_hw[1] // factor)
-    return simplejpeg.decode_jpeg(
-        data,
-        colorspace="RGB",
-        fastdct=fast,
-        fastupsample=fast,
-        min_height=min_h if factor > 1 else 0,
-        min_width=min_w if factor > 1 else 0,
-    )
 
 
 class PretrainTransform:
@@ -209,7 +195,6 @@ class PretrainTransform:
                     decoded_hw,
                     pixels=image,
                     encoded=jpeg,
-                    dct_scale=factor,
                     fast_decode=self.fast_decode,
                     interpolation=self.interpolation,
                     antialias=self.antialias,
@@ -217,7 +202,7 @@ class PretrainTransform:
                 )
             }
         if image is None:
-            image = self._decode(sample, lambda: decode_jpeg_scaled(jpeg, hw, factor, self.fast_decode))
+            image = self._decode(sample, lambda: decode_jpeg_at_size(jpeg, decoded_hw, self.fast_decode))
         crop = image[top : top + crop_h, left : left + crop_w]
         out_h, out_w = self.image_size
         interpolation = INTERPOLATIONS[self.interpolation]

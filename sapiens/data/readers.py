@@ -59,6 +59,31 @@ def _entry(sample: dict[str, Any], ext: str) -> bytes:
     return bytes(value)
 
 
+def is_jpeg(data: bytes) -> bool:
+    """True when ``data`` starts with the JPEG SOI marker and a segment marker."""
+    return data[:3] == b"\xff\xd8\xff"
+
+
+def decode_jpeg_at_size(
+    data: bytes, size_hw: tuple[int, int], fast: bool = False, buffer: np.ndarray | None = None
+) -> np.ndarray:
+    """(h, w, 3) uint8 RGB of the JPEG ``data`` decoded at the DCT scale whose output is ``size_hw``:
+    the full size, or ceil(H / f) x ceil(W / f) for f = 2, 4, 8 (cheaper to decode). Written into
+    ``buffer`` (flat uint8, h * w * 3 long) when given. ``fast``: libjpeg-turbo's fast integer IDCT
+    and chroma upsampling.
+
+    Raises:
+        ValueError: the bytes do not decode, or not to ``size_hw``.
+    """
+    h, w = size_hw
+    image = simplejpeg.decode_jpeg(
+        data, colorspace="RGB", fastdct=fast, fastupsample=fast, min_height=h, min_width=w, buffer=buffer
+    )
+    if image.shape[:2] != (h, w):
+        raise ValueError(f"decoded to {image.shape[:2]}, expected {(h, w)}")
+    return image
+
+
 def decode_image_bytes(data: bytes) -> np.ndarray:
     """Decode JPEG (simplejpeg; cv2 fallback for e.g. CMYK) or PNG/WebP (cv2) bytes.
 
@@ -68,7 +93,7 @@ def decode_image_bytes(data: bytes) -> np.ndarray:
     Raises:
         ValueError: if the bytes are not a decodable image.
     """
-    if data[:3] == b"\xff\xd8\xff":
+    if is_jpeg(data):
         try:
             return simplejpeg.decode_jpeg(data, colorspace="RGB")
         except (ValueError, RuntimeError):
@@ -79,9 +104,14 @@ def decode_image_bytes(data: bytes) -> np.ndarray:
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
 
-def _image(sample: dict[str, Any]) -> np.ndarray:
+def _image_entry(sample: dict[str, Any]) -> tuple[str, bytes]:
+    """(extension, bytes) of the sample's image entry (``jpg``, ``jpeg`` or ``png``)."""
     ext = next((e for e in IMAGE_EXTENSIONS if e in sample), "jpg")
-    data = _entry(sample, ext)
+    return ext, _entry(sample, ext)
+
+
+def _image(sample: dict[str, Any]) -> np.ndarray:
+    ext, data = _image_entry(sample)
     try:
         return decode_image_bytes(data)
     except ValueError as err:
@@ -128,10 +158,9 @@ def read_pretrain_encoded(sample: dict[str, Any]) -> dict[str, Any]:
     DCT scale its crop allows). ``image_hw`` comes from the JPEG header (None for other formats
     and unreadable headers); undecodable bytes are found, and skipped, when the transform decodes.
     """
-    ext = next((e for e in IMAGE_EXTENSIONS if e in sample), "jpg")
-    data = _entry(sample, ext)
+    _, data = _image_entry(sample)
     hw = None
-    if data[:3] == b"\xff\xd8\xff":
+    if is_jpeg(data):
         try:
             h, w = simplejpeg.decode_jpeg_header(data)[:2]
             hw = (int(h), int(w))
