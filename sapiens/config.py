@@ -18,6 +18,8 @@ from hydra.utils import get_class
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
+from sapiens.models.factory import FAMILIES, backbone_family
+
 READERS = ("pretrain", "pose", "seg", "depth", "normal")
 # Keys of the task config that are not arguments of the LightningModule.
 TASK_ONLY_KEYS = (
@@ -128,6 +130,10 @@ def validate_config(cfg: DictConfig) -> None:
 
     # model
     backbone = model.get("backbone") or {}
+    if backbone_family(backbone) not in FAMILIES:
+        _fail(
+            "model.backbone.family", f"expected one of {sorted(FAMILIES)}, got {backbone_family(backbone)!r}"
+        )
     for key in ("embed_dim", "depth", "num_heads", "patch_size"):
         _positive_int("model.backbone", key, backbone.get(key))
     if backbone["embed_dim"] % backbone["num_heads"]:

@@ -6,6 +6,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from sapiens.models.factory import build_backbone
 from sapiens.models.pos_embed import resize_pos_embed, sincos_2d
 from sapiens.models.vit import VisionTransformer
 
@@ -23,7 +24,7 @@ def test_published_sizes_on_meta_device(name):
     """The model configs build the published backbones (1024x1024, cls, sin-cos) to within 0.5%."""
     cfg = OmegaConf.load(CONF / "model" / f"{name}.yaml")
     with torch.device("meta"):
-        model = VisionTransformer(img_size=(1024, 1024), **cfg.backbone)
+        model = build_backbone(OmegaConf.to_container(cfg.backbone), "pretrain", img_size=(1024, 1024))
     billions = sum(p.numel() for p in model.parameters()) / 1e9
     assert abs(billions - PUBLISHED_BILLIONS[name]) / PUBLISHED_BILLIONS[name] < 0.005
     with torch.device("meta"):

@@ -15,7 +15,7 @@ from lightning.pytorch.loggers import WandbLogger
 
 from sapiens.checkpoints import load_backbone_state, load_head_state
 from sapiens.lit.base import SapiensModule
-from sapiens.models.vit import VisionTransformer
+from sapiens.models.factory import build_backbone
 from sapiens.tasks.base import Task
 from sapiens.visualize import save_png
 
@@ -26,7 +26,8 @@ class FinetuneModule(SapiensModule):
     """Backbone + task head trained end to end with layer-wise lr decay.
 
     Args:
-        backbone: :class:`VisionTransformer` kwargs (embed_dim, depth, num_heads, patch_size, ...).
+        backbone: ``model.backbone``: family and shape (embed_dim, depth, num_heads, patch_size, ...);
+            see :func:`sapiens.models.factory.build_backbone`.
         task_head: ``fn(in_channels=..., image_size=...) -> Task`` (a Hydra partial of a task class).
         image_size: (H, W) of the inputs (1024 x 768 published).
         patch_padding: patch-embed conv padding (2 for pose and normals, 0 for seg and depth).
@@ -56,14 +57,13 @@ class FinetuneModule(SapiensModule):
     ):
         super().__init__(optimizer, schedule, batch_size, max_consecutive_nonfinite)
         self.save_hyperparameters(ignore=["task_head"])
-        self.backbone = VisionTransformer(
+        self.backbone = build_backbone(
+            backbone,
+            "finetune",
             img_size=tuple(image_size),
-            pos_embed="learned",
-            cls_token=False,
             patch_padding=patch_padding,
             drop_path_rate=drop_path_rate,
             grad_checkpointing=grad_checkpointing,
-            **backbone,
         )
         self.task = task_head(in_channels=self.backbone.embed_dim, image_size=tuple(image_size))
         self.init_report = None

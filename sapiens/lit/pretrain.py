@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from sapiens.lit.base import SapiensModule
+from sapiens.models.factory import build_backbone
 from sapiens.models.mae import MaskedAutoencoder
 from sapiens.models.vit import VisionTransformer
 
@@ -13,8 +14,8 @@ class MAEPretrainModule(SapiensModule):
     """Pretrain a Sapiens ViT with masked autoencoding.
 
     Args:
-        backbone: :class:`VisionTransformer` kwargs (embed_dim, depth, num_heads, patch_size, ...);
-            ``pos_embed="sincos"`` and ``cls_token=True`` are forced.
+        backbone: ``model.backbone``: family and shape, built for the ``pretrain`` role by
+            :func:`sapiens.models.factory.build_backbone` (for the ViT: sin-cos table and cls token).
         image_size: (H, W) of the training crops, divisible by the patch size.
         mask_ratio: share of patches masked per sample.
         decoder: dict with ``dim``, ``depth``, ``heads`` of the MAE decoder.
@@ -42,12 +43,8 @@ class MAEPretrainModule(SapiensModule):
         super().__init__(optimizer, schedule, batch_size, max_consecutive_nonfinite)
         self.save_hyperparameters()
         decoder = {"dim": 512, "depth": 8, "heads": 16, **(decoder or {})}
-        encoder = VisionTransformer(
-            img_size=tuple(image_size),
-            pos_embed="sincos",
-            cls_token=True,
-            grad_checkpointing=grad_checkpointing,
-            **backbone,
+        encoder = build_backbone(
+            backbone, "pretrain", img_size=tuple(image_size), grad_checkpointing=grad_checkpointing
         )
         self.seed = seed
         self.model = MaskedAutoencoder(
