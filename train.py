@@ -5,7 +5,6 @@ The whole run is described by the composed config (``python train.py --cfg job``
 """
 
 import os
-import re
 import sys
 
 import hydra
@@ -14,6 +13,7 @@ from omegaconf import DictConfig
 
 from sapiens.config import ConfigError
 from sapiens.lit.base import NonFiniteLossError
+from sapiens.overrides import quote_brace_patterns
 from sapiens.run import run
 
 # Mistakes in the config or the data: reported in one line, without a traceback.
@@ -31,18 +31,6 @@ def main(cfg: DictConfig) -> None:
             raise
         print(f"error: {cause}\n(set SAPIENS_TRACEBACK=1 to see where it was raised)", file=sys.stderr)
         sys.exit(2)
-
-
-def quote_brace_patterns(argv: list[str]) -> list[str]:
-    """Quote override values holding shard brace patterns (``{000000..009999}``), which Hydra's
-    override grammar would otherwise read as a dict: ``data.train_shards=/d/{0..9}.tar`` works."""
-    out = []
-    for arg in argv:
-        key, sep, value = arg.partition("=")
-        if sep and re.search(r"\{\d+\.\.\d+\}", value) and value[:1] not in "'\"":
-            arg = f"{key}='{value}'"
-        out.append(arg)
-    return out
 
 
 if __name__ == "__main__":

@@ -285,6 +285,9 @@ def measured(run: Run, metric: Metric) -> str:
 
 
 def _steps(run: Run) -> str:
+    if run.config.get("mode") == "validate":  # python train.py ... mode=validate
+        init = config_value(run.config, "task.init_from")
+        return f"validate only ({Path(str(init)).name})"
     last = max((s for pts in run.series.values() for s, _ in pts), default=None)
     planned = config_value(run.config, "trainer.max_steps")
     done = "?" if last is None else str(last + 1)  # Lightning logs 0-based steps

@@ -68,6 +68,17 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
 
     Lightning checkpoints and mmengine files keep tensors under ``state_dict``; ``_clean`` files are flat.
     """
+    obj = load_checkpoint_file(path)
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ValueError(f"{path} does not hold a state dict of tensors")
+    return obj
+
+
+def load_checkpoint_file(path: str | Path) -> object:
+    """The whole object of a checkpoint file (``weights_only=True``), with one-line errors naming it:
+    missing file, a folder (DeepSpeed ZeRO), unreadable or truncated bytes."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint not found: {path}")
@@ -79,11 +90,8 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # pickle errors, truncated files
-        raise ValueError(f"cannot read checkpoint {path}: {err}") from None
-    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ValueError(f"{path} does not hold a state dict of tensors")
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ValueError(f"cannot read checkpoint {path}: {reason}") from None
     return obj
 
 

@@ -125,6 +125,8 @@ def validate_config(cfg: DictConfig) -> None:
     threads = resolved.get("cpu_threads", "auto")
     if threads not in ("auto", None) and not (isinstance(threads, int) and threads > 0):
         _fail("cpu_threads", f"expected auto, null or a positive integer, got {threads!r}")
+    if resolved.get("mode", "fit") not in ("fit", "validate"):
+        _fail("mode", f"expected fit or validate, got {resolved.get('mode')!r}")
     if not isinstance(resolved.get("seed"), int):
         _fail("seed", f"expected an integer, got {resolved.get('seed')!r}")
 
@@ -168,7 +170,7 @@ def validate_config(cfg: DictConfig) -> None:
         _fail("data.resampled", f"expected true or false, got {data.get('resampled')!r}")
     if data.get("pin_memory", "auto") not in ("auto", True, False):
         _fail("data.pin_memory", f"expected auto, true or false, got {data.get('pin_memory')!r}")
-    if not data.get("train_shards"):
+    if not data.get("train_shards") and resolved.get("mode", "fit") == "fit":
         _fail("data.train_shards", "no training shards given")
 
     # trainer: keys must be lightning.Trainer arguments

@@ -146,15 +146,25 @@ def set_cpu_threads(cfg: DictConfig) -> None:
     log.info("CPU threads per process: %d (cpu_threads=%s)", threads, spec)
 
 
-def run(cfg: DictConfig) -> dict[str, float]:
-    """Validate, build, fit and validate; returns the final metrics (``trainer.callback_metrics``)."""
-    validate_config(cfg)
+def setup_run(cfg: DictConfig) -> tuple[Path, ShardDataModule, L.LightningModule]:
+    """What fitting and ``mode=validate`` start with: CPU threads, seed, the run directory, data, module."""
     set_cpu_threads(cfg)
     L.seed_everything(cfg.seed, workers=True)
     run_dir = Path(cfg.paths.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    datamodule = build_datamodule(cfg)
-    module = build_module(cfg)
+    return run_dir, build_datamodule(cfg), build_module(cfg)
+
+
+def run(cfg: DictConfig) -> dict[str, float]:
+    """Validate, build, fit and validate; returns the final metrics (``trainer.callback_metrics``).
+
+    ``mode=validate`` only scores ``task.init_from`` (:func:`sapiens.validate.validate_checkpoint`)."""
+    if cfg.get("mode", "fit") == "validate":
+        from sapiens.validate import validate_checkpoint  # it builds with this module's functions
+
+        return validate_checkpoint(cfg)
+    validate_config(cfg)
+    run_dir, datamodule, module = setup_run(cfg)
     trainer = build_trainer(cfg)
     if trainer.is_global_zero:
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))

@@ -1,4 +1,5 @@
-"""Small image helpers shared by the picture callbacks: de-normalise, tile, save PNG."""
+"""Small image helpers shared by the validation pictures and predict's overlays: de-normalise, tile,
+save PNG, blend, colour maps."""
 
 from __future__ import annotations
 
@@ -51,16 +52,21 @@ def save_png(image: np.ndarray, path: str | Path) -> Path:
 
 
 def blend(image: np.ndarray, overlay: np.ndarray, alpha: float = 0.6) -> np.ndarray:
-    """Alpha-blend an (H, W, 3) uint8 ``overlay`` over ``image``."""
-    return (image * (1 - alpha) + overlay * alpha).astype(np.uint8)
+    """Alpha-blend an (H, W, 3) uint8 ``overlay`` over ``image`` (rounded)."""
+    return cv2.addWeighted(image, 1 - alpha, overlay, alpha, 0.0)
 
 
-def colorize(values: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """(H, W) float -> (H, W, 3) uint8 with a perceptual colormap, min-max over ``mask``; black outside."""
+def colorize(
+    values: np.ndarray, mask: np.ndarray, value_range: tuple[float, float] | None = None
+) -> np.ndarray:
+    """(H, W) float -> (H, W, 3) uint8 with a perceptual colormap; black outside ``mask``.
+
+    The colours span ``value_range`` (lo, hi) when given (fixed over a video), else min-max over ``mask``.
+    """
     out = np.zeros((*values.shape, 3), np.uint8)
     if mask.any():
-        v = values[mask]
-        scaled = np.clip((values - v.min()) / max(float(v.max() - v.min()), 1e-8), 0, 1)
+        lo, hi = value_range if value_range is not None else (values[mask].min(), values[mask].max())
+        scaled = np.clip((values - lo) / max(float(hi - lo), 1e-8), 0, 1)
         mapped = cv2.applyColorMap((scaled * 255).astype(np.uint8), cv2.COLORMAP_TURBO)
         out[mask] = cv2.cvtColor(mapped, cv2.COLOR_BGR2RGB)[mask]
     return out
@@ -71,3 +77,10 @@ def normals_to_rgb(normals: np.ndarray, mask: np.ndarray) -> np.ndarray:
     rgb = ((normals.transpose(1, 2, 0) + 1) * 127.5).clip(0, 255).astype(np.uint8)
     rgb[~mask.astype(bool)] = 0
     return rgb
+
+
+def paste_foreground(image: np.ndarray, picture: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """``picture`` (H, W, 3) uint8 where ``mask`` (H, W) is set, ``image`` elsewhere."""
+    out = image.copy()
+    out[mask] = picture[mask]
+    return out

@@ -108,7 +108,7 @@ def test_rescoring_and_nms():
     metric = KeypointAP(kset)
     metric.add_ground_truth(_gt_sample(7, [gt]))
     metric.add_predictions([7, 7], np.stack([kpts, dup]), [0.5, 0.6], [3e4, 3e4])
-    scored = metric._scored_predictions()
+    scored = metric.scored_results()
     assert len(scored) == 1  # the near-duplicate is suppressed
     assert scored[0]["score"] == pytest.approx(0.6 * 0.9)  # box score x mean of scores > 0.2
 

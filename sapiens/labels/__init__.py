@@ -12,10 +12,14 @@ drive the half-body augmentation), ``num_keypoints`` (optional cross-check).
 
 Class-list YAML keys: ``name``, ``names`` (class-id order), ``palette`` (RGB per class),
 ``swap_pairs`` (id or name pairs exchanged by a horizontal flip).
+
+Both loaders also take the same keys as a mapping (``to_dict()`` of a loaded label space), which is
+how checkpoints and exported models carry their label space with them.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -72,6 +76,19 @@ class KeypointSet:
         except ValueError:
             raise ValueError(f"keypoint set '{self.name}' has no keypoint named '{name}'") from None
 
+    def to_dict(self) -> dict[str, Any]:
+        """The YAML keys of this set as plain Python values; ``load_keypoint_set`` reads it back."""
+        return {
+            "name": self.name,
+            "names": list(self.names),
+            "sigmas": [float(s) for s in self.sigmas],
+            "colors": self.colors.tolist(),
+            "flip_pairs": _pairs_of(self.flip_index),
+            "skeleton": [[int(a), int(b)] for a, b in self.skeleton],
+            "link_colors": self.link_colors.tolist(),
+            "groups": {g: idx.tolist() for g, idx in self.groups.items()},
+        }
+
 
 @dataclass(frozen=True)
 class ClassList:
@@ -97,6 +114,20 @@ class ClassList:
     def num_classes(self) -> int:
         """Number of classes C (background included)."""
         return len(self.names)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The YAML keys of this list as plain Python values; ``load_class_list`` reads it back."""
+        return {
+            "name": self.name,
+            "names": list(self.names),
+            "palette": self.palette.tolist(),
+            "swap_pairs": [[int(a), int(b)] for a, b in self.swap_pairs],
+        }
+
+
+def _pairs_of(flip_index: np.ndarray) -> list[list[int]]:
+    """Mirror permutation -> the (a, b) pairs with a < b it swaps."""
+    return [[int(a), int(b)] for a, b in enumerate(flip_index) if a < b]
 
 
 def available_label_spaces() -> list[str]:
@@ -195,6 +226,8 @@ def _colors(raw: Any, count: int, path: Path, key: str) -> np.ndarray:
     """RGB colours (count, 3) uint8; missing key -> a neutral grey for every entry."""
     if raw is None:
         return np.full((count, 3), 128, dtype=np.uint8)
+    if count == 0 and len(raw) == 0:  # no skeleton, no link colours
+        return np.zeros((0, 3), np.uint8)
     arr = np.asarray(raw)
     if arr.shape != (count, 3) or not np.issubdtype(arr.dtype, np.number):
         raise ValueError(f"{path}: key '{key}' must be {count} RGB triples, got shape {np.shape(raw)}")
@@ -203,12 +236,22 @@ def _colors(raw: Any, count: int, path: Path, key: str) -> np.ndarray:
     return arr.astype(np.uint8)
 
 
-def load_keypoint_set(name_or_path: str | Path) -> KeypointSet:
+def _source(name_or_path: str | Path | Mapping) -> tuple[Path, dict[str, Any]]:
+    """(path used in error messages, YAML data) of a built-in name, a file or a mapping."""
+    if isinstance(name_or_path, Mapping):
+        data = dict(name_or_path)
+        return Path(f"<embedded label space {data.get('name', '?')}>"), data
+    path = _resolve(name_or_path)
+    return path, _read_yaml(path)
+
+
+def load_keypoint_set(name_or_path: str | Path | Mapping) -> KeypointSet:
     """Load and validate a keypoint set.
 
     Args:
         name_or_path: built-in name (``coco17``, ``body_foot23``, ``coco_wholebody133``,
-            ``goliath308``) or the path of a YAML file with the same keys.
+            ``goliath308``), the path of a YAML file with the same keys, or those keys as a mapping
+            (e.g. ``KeypointSet.to_dict()`` stored in a checkpoint).
 
     Returns:
         KeypointSet with ``flip_index`` (K,) int64 and ``sigmas`` (K,) float32.
@@ -217,8 +260,7 @@ def load_keypoint_set(name_or_path: str | Path) -> KeypointSet:
         FileNotFoundError: unknown name / missing file.
         ValueError: invalid content, naming the file and the key at fault.
     """
-    path = _resolve(name_or_path)
-    data = _read_yaml(path)
+    path, data = _source(name_or_path)
     names = _check_names(_require(data, "names", path), path)
     k = len(names)
     if "num_keypoints" in data and int(data["num_keypoints"]) != k:
@@ -256,11 +298,12 @@ def load_keypoint_set(name_or_path: str | Path) -> KeypointSet:
     )
 
 
-def load_class_list(name_or_path: str | Path) -> ClassList:
+def load_class_list(name_or_path: str | Path | Mapping) -> ClassList:
     """Load and validate a segmentation class list.
 
     Args:
-        name_or_path: built-in name (``goliath_parts28``) or the path of a YAML file.
+        name_or_path: built-in name (``goliath_parts28``), the path of a YAML file, or its keys as a
+            mapping (``ClassList.to_dict()``).
 
     Returns:
         ClassList with ``palette`` (C, 3) uint8 and ``flip_index`` (C,) int64.
@@ -269,8 +312,7 @@ def load_class_list(name_or_path: str | Path) -> ClassList:
         FileNotFoundError: unknown name / missing file.
         ValueError: invalid content, naming the file and the key at fault.
     """
-    path = _resolve(name_or_path)
-    data = _read_yaml(path)
+    path, data = _source(name_or_path)
     names = _check_names(_require(data, "names", path), path)
     palette = _colors(_require(data, "palette", path), len(names), path, "palette")
     swap_pairs = _pairs(data.get("swap_pairs"), names, path, "swap_pairs")

@@ -15,6 +15,7 @@ from lightning.pytorch.loggers import WandbLogger
 
 from sapiens.checkpoints import load_backbone_state, load_head_state
 from sapiens.lit.base import SapiensModule
+from sapiens.model_spec import spec_of_module
 from sapiens.models.factory import build_backbone
 from sapiens.tasks.base import Task
 from sapiens.visualize import save_png
@@ -75,6 +76,11 @@ class FinetuneModule(SapiensModule):
 
     def param_group_args(self) -> dict:
         return {"backbone": self.backbone, "backbone_prefix": "backbone."}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        # What predict / export / mode=validate rebuild the model from (sapiens.model_spec).
+        checkpoint["sapiens_model"] = spec_of_module(self).to_dict()
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """images (B, 3, H, W) -> the task head's raw output."""

@@ -171,6 +171,7 @@ class KeypointAP:
         keypoints: np.ndarray,
         bbox_scores: Sequence[float] | np.ndarray,
         areas: Sequence[float] | np.ndarray,
+        boxes: np.ndarray | None = None,
     ) -> None:
         """Register N predicted poses.
 
@@ -179,6 +180,7 @@ class KeypointAP:
             keypoints: float (N, K, 3) image-pixel (x, y, score).
             bbox_scores: (N,) detection score of the box each pose was cropped from (1 for GT).
             areas: (N,) instance area used by OKS-NMS (crop ``scale`` w*h).
+            boxes: optional (N, 4) [x, y, w, h] person boxes, kept as ``bbox`` in the results.
         """
         kpts = np.asarray(keypoints, dtype=np.float64)
         ids = np.asarray(image_ids).reshape(-1)
@@ -189,14 +191,15 @@ class KeypointAP:
         if not len(ids) == len(scores) == len(area) == kpts.shape[0]:
             raise ValueError("image_ids, keypoints, bbox_scores and areas must have the same N")
         for i in range(kpts.shape[0]):
-            self.predictions.append(
-                {
-                    "image_id": int(ids[i]),
-                    "keypoints": kpts[i].tolist(),
-                    "bbox_score": float(scores[i]),
-                    "area": float(area[i]),
-                }
-            )
+            pred = {
+                "image_id": int(ids[i]),
+                "keypoints": kpts[i].tolist(),
+                "bbox_score": float(scores[i]),
+                "area": float(area[i]),
+            }
+            if boxes is not None:
+                pred["bbox"] = [float(v) for v in np.asarray(boxes[i]).reshape(4)]
+            self.predictions.append(pred)
 
     def gather(self, all_gather_object: Callable[[Any], list[Any]]) -> None:
         """Merge the state of every rank into this one (call on all ranks).
@@ -219,12 +222,14 @@ class KeypointAP:
                     self.predictions.append(pred)
 
     # ------------------------------------------------------------------ evaluation
-    def _scored_predictions(self) -> list[dict[str, Any]]:
-        """Rescore and OKS-NMS the predictions; drop those on images without GT."""
+    def scored_results(self, with_ground_truth_only: bool = True) -> list[dict[str, Any]]:
+        """The predictions rescored (``score_mode``) and OKS-NMS filtered per image, as COCO keypoint
+        results ``{"image_id", "category_id", "keypoints" [x, y, s] * K, "score"[, "bbox"]}``; those on
+        images without registered GT are dropped unless ``with_ground_truth_only`` is False."""
         by_image: dict[int, list[dict]] = {}
         dropped = 0
         for pred in self.predictions:
-            if pred["image_id"] not in self.ground_truth:
+            if with_ground_truth_only and pred["image_id"] not in self.ground_truth:
                 dropped += 1
                 continue
             by_image.setdefault(pred["image_id"], []).append(pred)
@@ -251,14 +256,15 @@ class KeypointAP:
                 areas = np.asarray([p["area"] for p in preds])
                 keep = oks_nms(kpts, scores, areas, self.sigmas, self.nms_thr)
             for i in keep:
-                results.append(
-                    {
-                        "image_id": image_id,
-                        "category_id": 1,
-                        "keypoints": kpts[i].reshape(-1).tolist(),
-                        "score": float(scores[i]),
-                    }
-                )
+                result = {
+                    "image_id": image_id,
+                    "category_id": 1,
+                    "keypoints": kpts[i].reshape(-1).tolist(),
+                    "score": float(scores[i]),
+                }
+                if "bbox" in preds[i]:
+                    result["bbox"] = preds[i]["bbox"]
+                results.append(result)
         return results
 
     def _gt_dict(self, index: np.ndarray) -> dict[str, Any]:
@@ -320,7 +326,7 @@ class KeypointAP:
         """
         if not self.ground_truth:
             raise ValueError("KeypointAP.compute: no ground truth registered (add_ground_truth)")
-        results = self._scored_predictions()
+        results = self.scored_results()
         if results_path is not None:
             Path(results_path).parent.mkdir(parents=True, exist_ok=True)
             Path(results_path).write_text(json.dumps(results))

@@ -17,7 +17,7 @@ from sapiens.losses import SiLogLoss, normalize_depth_foreground
 from sapiens.metrics.depth import DepthMetrics
 from sapiens.models.heads import DEPTH_CONV_CHANNELS, DEPTH_DECONV_CHANNELS, DenseHead
 from sapiens.tasks.base import Task
-from sapiens.visualize import colorize, denormalize, tile
+from sapiens.visualize import colorize, denormalize, paste_foreground, tile
 
 
 class DepthTask(Task):
@@ -59,10 +59,31 @@ class DepthTask(Task):
     def reset_metrics(self) -> None:
         self.metric.reset()
 
+    @torch.no_grad()
+    def decode(self, outputs: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """Depth (B, 1, h, w) -> (B, H, W) float32 at ``size`` = (H, W), resized bilinearly; relative
+        depth as trained (foreground min-max normalised: larger = farther)."""
+        return torch.nn.functional.interpolate(outputs.float(), size=tuple(size), mode="bilinear")[:, 0]
+
+    @staticmethod
+    def overlay(
+        image: np.ndarray,
+        depth: np.ndarray,
+        mask: np.ndarray | None = None,
+        value_range: tuple[float, float] | None = None,
+    ) -> np.ndarray:
+        """Colour-mapped depth (near = bright) over ``mask`` (everything when None), ``image`` elsewhere.
+
+        ``value_range``: the (lo, hi) depth mapped onto the colour map (fixed over a video), else the
+        foreground's min-max."""
+        mask = np.ones(depth.shape, bool) if mask is None else mask
+        if value_range is not None:
+            value_range = (-value_range[1], -value_range[0])
+        return paste_foreground(image, colorize(-depth, mask, value_range), mask)
+
     def render(self, batch: dict, outputs: torch.Tensor, num: int) -> np.ndarray:
         """Rows of (image | ground-truth depth | predicted depth), near = bright, background black."""
-        size = batch["depth"].shape[-2:]
-        pred = torch.nn.functional.interpolate(outputs[:num].float(), size=size, mode="bilinear")[:, 0]
+        pred = self.decode(outputs[:num], batch["depth"].shape[-2:])
         rows = []
         for i in range(pred.shape[0]):
             mask = batch["mask"][i].cpu().numpy()

@@ -15,7 +15,7 @@ from sapiens.losses import NormalLoss
 from sapiens.metrics.normals import NormalMetrics
 from sapiens.models.heads import SEG_CONV_CHANNELS, SEG_DECONV_CHANNELS, DenseHead
 from sapiens.tasks.base import Task
-from sapiens.visualize import denormalize, normals_to_rgb, tile
+from sapiens.visualize import denormalize, normals_to_rgb, paste_foreground, tile
 
 
 class NormalTask(Task):
@@ -60,11 +60,23 @@ class NormalTask(Task):
     def reset_metrics(self) -> None:
         self.metric.reset()
 
+    @torch.no_grad()
+    def decode(self, outputs: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """Raw normals (B, 3, h, w) -> unit normals (B, 3, H, W) at ``size`` = (H, W), resized bilinearly
+        then normalised (as published)."""
+        pred = outputs.float().contiguous(memory_format=torch.channels_last)  # contiguous vectors
+        pred = torch.nn.functional.interpolate(pred, size=tuple(size), mode="bilinear")
+        return torch.nn.functional.normalize(pred, dim=1).contiguous()
+
+    @staticmethod
+    def overlay(image: np.ndarray, normals: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+        """Normals (3, H, W) as RGB = (n + 1) / 2 over ``mask`` (all when None), ``image`` elsewhere."""
+        mask = np.ones(normals.shape[1:], bool) if mask is None else mask
+        return paste_foreground(image, normals_to_rgb(normals, mask), mask)
+
     def render(self, batch: dict, outputs: torch.Tensor, num: int) -> np.ndarray:
         """Rows of (image | ground-truth normals | predicted normals) as RGB = (n + 1) / 2."""
-        size = batch["normal"].shape[-2:]
-        pred = torch.nn.functional.interpolate(outputs[:num].float(), size=size, mode="bilinear")
-        pred = torch.nn.functional.normalize(pred, dim=1)
+        pred = self.decode(outputs[:num], batch["normal"].shape[-2:])
         rows = []
         for i in range(pred.shape[0]):
             mask = batch["mask"][i].cpu().numpy()

@@ -154,17 +154,48 @@ class PoseTask(Task):
             rows.append([gt, pred])
         return tile(rows)
 
-    def draw(self, image: np.ndarray, xy: np.ndarray, show: np.ndarray) -> np.ndarray:
+    def draw(
+        self, image: np.ndarray, xy: np.ndarray, show: np.ndarray, radius: int = 2, thickness: int = 1
+    ) -> np.ndarray:
         """Skeleton of (K, 2) points ``xy`` over a copy of ``image``; ``show`` (K,) masks keypoints."""
         out = image.copy()
+        self._draw_into(out, xy, show, radius, thickness)
+        return out
+
+    def _draw_into(
+        self, out: np.ndarray, xy: np.ndarray, show: np.ndarray, radius: int, thickness: int
+    ) -> None:
         colors = np.asarray(self.kset.link_colors) if len(self.kset.link_colors) else None
         for j, (a, b) in enumerate(self.kset.skeleton):
             if show[a] and show[b]:
                 color = tuple(int(c) for c in colors[j]) if colors is not None else (0, 255, 0)
                 pa = tuple(int(round(v)) for v in xy[a])
                 pb = tuple(int(round(v)) for v in xy[b])
-                cv2.line(out, pa, pb, color, 1, cv2.LINE_AA)
+                cv2.line(out, pa, pb, color, thickness, cv2.LINE_AA)
         for k in np.flatnonzero(show):
             color = tuple(int(c) for c in self.kset.colors[k])
-            cv2.circle(out, tuple(int(round(v)) for v in xy[k]), 2, color, -1, cv2.LINE_AA)
+            cv2.circle(out, tuple(int(round(v)) for v in xy[k]), radius, color, -1, cv2.LINE_AA)
+
+    def overlay(
+        self,
+        image: np.ndarray,
+        keypoints: np.ndarray,
+        boxes: np.ndarray | None = None,
+        kpt_thr: float = 0.3,
+    ) -> np.ndarray:
+        """Every person's box and skeleton (keypoints scoring above ``kpt_thr``) over a copy of ``image``.
+
+        Args:
+            image: (H, W, 3) uint8 RGB.
+            keypoints: (N, K, 3) image-pixel (x, y, score).
+            boxes: (N, 4) [x, y, w, h] or None.
+        """
+        size = max(image.shape[:2])
+        radius, thickness = max(2, round(size / 200)), max(1, round(size / 400))
+        out = image.copy()
+        for n, person in enumerate(np.asarray(keypoints).reshape(-1, self.kset.num_keypoints, 3)):
+            if boxes is not None:
+                x, y, w, h = (int(round(v)) for v in boxes[n])
+                cv2.rectangle(out, (x, y), (x + w, y + h), (255, 255, 255), thickness, cv2.LINE_AA)
+            self._draw_into(out, person[:, :2], person[:, 2] > kpt_thr, radius, thickness)
         return out

@@ -69,16 +69,28 @@ class SegmentationTask(Task):
     def reset_metrics(self) -> None:
         self.metric.reset()
 
+    @torch.no_grad()
+    def decode(self, outputs: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """Logits (B, N, h, w) -> class ids (B, H, W) int64 at ``size`` = (H, W): logits resized
+        bilinearly (as published), then argmax. Runs on the logits' device."""
+        # Channels-last makes the argmax over classes a contiguous reduction (2-3x faster on CPU).
+        logits = outputs.float().contiguous(memory_format=torch.channels_last)
+        logits = torch.nn.functional.interpolate(logits, size=tuple(size), mode="bilinear")
+        return logits.argmax(1)
+
+    def overlay(self, image: np.ndarray, labels: np.ndarray, alpha: float = 0.6) -> np.ndarray:
+        """The class palette of ``labels`` (H, W) blended over ``image`` (H, W, 3) uint8."""
+        palette = np.asarray(self.classes.palette, np.uint8)
+        return blend(image, palette[labels], alpha)
+
     def render(self, batch: dict, outputs: torch.Tensor, num: int) -> np.ndarray:
         """Rows of (image | ground-truth parts | predicted parts), palette blended over the image."""
-        size = batch["seg"].shape[-2:]
-        logits = torch.nn.functional.interpolate(outputs[:num].float(), size=size, mode="bilinear")
-        pred = logits.argmax(1).cpu().numpy()
-        palette = np.asarray(self.classes.palette, np.uint8)
+        pred = self.decode(outputs[:num], batch["seg"].shape[-2:]).cpu().numpy()
         rows = []
         for i in range(pred.shape[0]):
             image = denormalize(batch["image"][i])
             gt = batch["seg"][i].cpu().numpy()
-            gt_rgb = palette[np.where(gt == 255, 0, gt)]
-            rows.append([image, blend(image, gt_rgb), blend(image, palette[pred[i]])])
+            rows.append(
+                [image, self.overlay(image, np.where(gt == 255, 0, gt)), self.overlay(image, pred[i])]
+            )
         return tile(rows)
