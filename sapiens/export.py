@@ -88,8 +88,13 @@ class _Graph(torch.nn.Module):
         return self.model(images)
 
 
-def export_onnx(model: TaskModel, path: str | Path, opset: int = 18) -> Path:
-    """Write ``model`` as ONNX (dynamic batch, metadata inside); returns the path."""
+def export_onnx(
+    model: TaskModel, path: str | Path, opset: int = 18, external_data: bool | None = None
+) -> Path:
+    """Write ``model`` as ONNX (dynamic batch, metadata inside); returns the path.
+
+    ``external_data``: weights in ``<path>.data`` beside the graph; None = when they exceed 2 GiB (the
+    protobuf limit of one file, 0.6B fp32 and up)."""
     if opset < MIN_OPSET:
         raise ExportError(f"opset={opset}: ONNX export needs opset >= {MIN_OPSET} (attention, LayerNorm)")
     path = Path(path)
@@ -108,8 +113,9 @@ def export_onnx(model: TaskModel, path: str | Path, opset: int = 18) -> Path:
         )
     for key, value in metadata(model, "onnx").items():
         program.model.metadata_props[key] = value
-    size = sum(p.numel() * p.element_size() for p in model.parameters())
-    program.save(str(path), external_data=size > EXTERNAL_DATA_BYTES)
+    if external_data is None:
+        external_data = sum(p.numel() * p.element_size() for p in model.parameters()) > EXTERNAL_DATA_BYTES
+    program.save(str(path), external_data=external_data)
     return path
 
 

@@ -140,3 +140,18 @@ def test_export_cli(tmp_path):
         timeout=120,
     )
     assert bad.returncode == 2 and bad.stderr.strip().startswith("error: format=tflite")
+
+
+@pytest.mark.slow
+def test_onnx_external_data_loads_and_matches(exported, tmp_path):
+    """Weights beside the graph (what models over 2 GiB get) still run, with the metadata readable."""
+    _, model, _, _ = exported["normal"]
+    path = export_onnx(model, tmp_path / "normal.onnx", external_data=True)
+    sidecars = [p for p in tmp_path.iterdir() if p != path]
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert sidecars and path.stat().st_size < weights / 2 <= sum(p.stat().st_size for p in sidecars)
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    x = torch.randn(2, 3, *SIZE)
+    with torch.no_grad():
+        np.testing.assert_allclose(session.run(None, {"images": x.numpy()})[0], model(x).numpy(), atol=1e-4)
+    assert read_onnx_metadata(path)["format"] == "onnx"

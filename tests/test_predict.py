@@ -173,6 +173,63 @@ def test_empty_foreground_gives_empty_outputs(models, tmp_path):
     assert json.loads((out / "pose_results_coco.json").read_text()) == []
 
 
+def test_boxes_from_a_detections_file_by_image_id(models, tmp_path):
+    """COCO detections (the validation protocol's boxes): listed images use theirs above the score
+    threshold; an image the file does not list falls back to the next source (here the full image)."""
+    src = tmp_path / "coco"
+    src.mkdir()
+    for image_id in (139, 285):
+        cv2.imwrite(str(src / f"{image_id:012d}.jpg"), synth_image(image_id)["image"])
+    dets = [
+        {"image_id": 139, "category_id": 1, "bbox": [10, 12, 40, 80], "score": 0.9},
+        {"image_id": 139, "category_id": 1, "bbox": [50, 20, 30, 60], "score": 0.8},
+        {"image_id": 139, "category_id": 1, "bbox": [0, 0, 5, 5], "score": 0.1},  # below box_score_thr
+        {"image_id": 139, "category_id": 2, "bbox": [0, 0, 50, 50], "score": 0.99},  # not a person
+    ]
+    (tmp_path / "dets.json").write_text(json.dumps(dets))
+    out = tmp_path / "out"
+    run_predict(
+        {
+            "source": str(src),
+            "checkpoint": str(models["pose"][1]),
+            "boxes": str(tmp_path / "dets.json"),
+            "output_dir": str(out),
+            "progress": False,
+        }
+    )
+    listed = json.loads((out / "pose" / "000000000139.json").read_text())
+    assert listed["image_id"] == 139 and listed["box_source"] == "file"
+    assert [p["bbox"] for p in listed["instances"]] == [[10, 12, 40, 80], [50, 20, 30, 60]]
+    assert [p["bbox_score"] for p in listed["instances"]] == [0.9, 0.8]
+    unlisted = json.loads((out / "pose" / "000000000285.json").read_text())
+    assert unlisted["box_source"] == "full" and unlisted["instances"][0]["bbox"] == [0, 0, 96, 128]
+    results = json.loads((out / "pose_results_coco.json").read_text())
+    assert sorted({r["image_id"] for r in results}) == [139, 285]
+
+
+def test_video_depth_colours_keep_the_first_frames_range():
+    from sapiens.predict.pipeline import _Stream
+    from sapiens.predict.results import DepthResult
+
+    def frame(lo: float, hi: float) -> Prediction:
+        depth = np.linspace(lo, hi, 100, dtype=np.float32).reshape(10, 10)
+        return Prediction(10, 10, depth=DepthResult(depth, np.ones((10, 10), bool)))
+
+    video = _Stream("clip", {"depth_range": "auto"})
+    first = video.depth_range(frame(0.0, 1.0))
+    assert first[0] < 0.02 and first[1] > 0.98
+    assert video.depth_range(frame(5.0, 9.0)) == first  # later frames: the same colours for the same depth
+    assert _Stream(None, {"depth_range": "auto"}).depth_range(frame(5.0, 9.0)) is None  # stills: per image
+    assert _Stream("clip", {"depth_range": [1, 2]}).depth_range(frame(0.0, 1.0)) == (1.0, 2.0)
+
+
+def test_bf16_autocast_runs_and_stays_close(models):
+    image = synth_image(6)["image"]
+    exact = Predictor(models["normal"][1], device="cpu")(image).normal.normals
+    half = Predictor(models["normal"][1], device="cpu", precision="bf16")(image).normal.normals
+    assert half.dtype == np.float32 and np.median(np.abs(half - exact)) < 0.05
+
+
 # ---------------------------------------------------------------------- sources, outputs, video
 def test_folder_glob_and_txt_sources(tmp_path):
     for rel in ("a.jpg", "sub/b.png", "sub/deeper/c.jpg"):

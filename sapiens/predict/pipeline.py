@@ -19,7 +19,7 @@ from tqdm import tqdm
 from sapiens.predict.outputs import OutputWriter, next_run_dir
 from sapiens.predict.predictor import STAGES, Predictor
 from sapiens.predict.results import Prediction
-from sapiens.predict.sources import Frame, iter_frames, resolve_source
+from sapiens.predict.sources import Frame, count_frames, iter_frames, resolve_source
 from sapiens.predict.tracking import PoseTracker
 
 log = logging.getLogger(__name__)
@@ -106,8 +106,11 @@ def run_predict(cfg: Mapping[str, Any]) -> dict:
     timer = predictor.timer
     batch: list[Frame] = []
     stream = _Stream(None, cfg)
-    bar = tqdm(desc="predict", unit="img", disable=not cfg.get("progress", True), dynamic_ncols=True)
-    model_start = time.perf_counter()
+    stride = int(cfg.get("vid_stride", 1))
+    total = count_frames(entries, stride) if cfg.get("progress", True) else None
+    bar = tqdm(
+        total=total, desc="predict", unit="img", disable=not cfg.get("progress", True), dynamic_ncols=True
+    )
 
     def flush() -> None:
         if not batch:
@@ -122,11 +125,9 @@ def run_predict(cfg: Mapping[str, Any]) -> dict:
             for frame, prediction in zip(batch, predictions, strict=True):
                 writer.write(frame, prediction, stream.depth_range(prediction))
         bar.update(len(batch))
-        elapsed = time.perf_counter() - model_start
-        bar.set_postfix_str(f"{writer.written / max(elapsed, 1e-9):.2f} img/s")
         batch.clear()
 
-    for frame in iter_frames(entries, int(cfg.get("num_workers", 2)), int(cfg.get("vid_stride", 1))):
+    for frame in iter_frames(entries, int(cfg.get("num_workers", 2)), stride):
         timer.seconds["decode"] += frame.seconds
         name = frame.name if frame.video is not None else None
         if name != stream.name:
@@ -134,6 +135,7 @@ def run_predict(cfg: Mapping[str, Any]) -> dict:
             stream = _Stream(name, cfg)
         if frame.image is None:
             writer.skip(frame)
+            bar.update(1)
             continue
         batch.append(frame)
         if len(batch) >= predictor.batch_size:

@@ -148,6 +148,26 @@ def resolve_source(source: str | Sequence[str]) -> list[Entry]:
     return entries
 
 
+def count_frames(entries: list[Entry], vid_stride: int = 1) -> int | None:
+    """How many frames ``entries`` will give (for the progress bar); None when shards or a video that does
+    not state its length make it unknown."""
+    total = 0
+    for entry in entries:
+        if entry.kind == "image":
+            total += 1
+            continue
+        if entry.kind == "shards":
+            return None
+        try:
+            frames = probe_video(entry.path).frame_count
+        except VideoError:
+            frames = 1  # reported as one unreadable input
+        if not frames:
+            return None
+        total += -(-frames // max(1, vid_stride))
+    return total
+
+
 # ---------------------------------------------------------------------- decoding
 def read_image(path: str) -> np.ndarray:
     """(H, W, 3) uint8 RGB of an image file, upright by its EXIF orientation; ValueError if unreadable."""
