@@ -66,15 +66,17 @@ def _example(model: TaskModel, batch: int = 2) -> tuple[torch.Tensor, dict]:
 @contextlib.contextmanager
 def _quiet_export():
     """The exporters warn about torchvision ops and pytree internals; nothing for users to act on."""
-    logger = logging.getLogger("torch.onnx")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
+    loggers = [logging.getLogger(name) for name in ("torch.onnx", "onnx_ir", "onnxscript")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             yield
     finally:
-        logger.setLevel(level)
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
 
 
 class _Graph(torch.nn.Module):

@@ -60,6 +60,30 @@ def test_validate_a_checkpoint_without_training(task, layout, synth_root, tmp_pa
 
 
 @pytest.mark.slow
+def test_validating_our_checkpoint_reproduces_the_runs_own_validation(synth_root, tmp_path):
+    """Train a few steps, then mode=validate on last.ckpt: the same val/mIoU as the run's final validation."""
+    out = tmp_path / "runs"
+    common = [
+        "experiment=seg_demo",
+        *TINY_FINETUNE,
+        *HEAD_OVERRIDES["seg"],
+        f"data.root={synth_root}",
+        f"paths.output_dir={out}",
+    ]
+    run_train([*common, "run_name=train"])
+    trained = logged(out / "seg" / "train", "val/mIoU")[-1]
+    run_train(
+        [
+            *common,
+            "run_name=check",
+            "mode=validate",
+            f"task.init_from={out / 'seg/train/checkpoints/last.ckpt'}",
+        ]
+    )
+    assert logged(out / "seg" / "check", "val/mIoU") == [pytest.approx(trained, abs=1e-6)]
+
+
+@pytest.mark.slow
 def test_validate_run_is_picked_up_by_the_report(synth_root, tmp_path):
     """A published pose file validated under a published-table preset (tiny model): the report fills
     that row and says it is a validation of the file; the COCO results JSON is written."""
