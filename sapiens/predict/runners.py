@@ -123,6 +123,8 @@ def load_runner(
             net, kind, dtype = module.to(dev), "torch_export", PRECISIONS[precision]
         if task is not None and spec.task != task:
             raise ValueError(f"{path} holds a {spec.task} model, not a {task} model")
+        if compile:
+            log.warning("%s: compile=true applies to checkpoints; the exported model runs as exported", path)
         task_module = spec.build_task(int(spec.backbone["embed_dim"]), flip_test=flip_test)
         return Runner(spec, task_module, net, dev, kind, path, dtype)
     model = load_task_model(path, task=task, overrides=overrides, flip_test=flip_test).to(dev)
