@@ -178,9 +178,10 @@ def test_boxes_from_a_detections_file_by_image_id(models, tmp_path):
     threshold; an image the file does not list falls back to the next source (here the full image)."""
     src = tmp_path / "coco"
     src.mkdir()
-    for image_id in (139, 285):
+    for image_id in (139, 285, 632):
         cv2.imwrite(str(src / f"{image_id:012d}.jpg"), synth_image(image_id)["image"])
     dets = [
+        {"image_id": 632, "category_id": 1, "bbox": [10, 12, 40, 80], "score": 0.2},  # listed, none kept
         {"image_id": 139, "category_id": 1, "bbox": [10, 12, 40, 80], "score": 0.9},
         {"image_id": 139, "category_id": 1, "bbox": [50, 20, 30, 60], "score": 0.8},
         {"image_id": 139, "category_id": 1, "bbox": [0, 0, 5, 5], "score": 0.1},  # below box_score_thr
@@ -201,6 +202,7 @@ def test_boxes_from_a_detections_file_by_image_id(models, tmp_path):
     assert listed["image_id"] == 139 and listed["box_source"] == "file"
     assert [p["bbox"] for p in listed["instances"]] == [[10, 12, 40, 80], [50, 20, 30, 60]]
     assert [p["bbox_score"] for p in listed["instances"]] == [0.9, 0.8]
+    assert json.loads((out / "pose" / "000000000632.json").read_text())["instances"] == []
     unlisted = json.loads((out / "pose" / "000000000285.json").read_text())
     assert unlisted["box_source"] == "full" and unlisted["instances"][0]["bbox"] == [0, 0, 96, 128]
     results = json.loads((out / "pose_results_coco.json").read_text())

@@ -126,7 +126,8 @@ class Predictor:
         self.detections: dict[int, list[dict]] | None = None
         self.box_mode = boxes
         if boxes not in BOX_MODES:
-            self.detections = load_person_detections(boxes, box_score_thr)
+            # Every listed image counts as listed, even when none of its boxes passes box_score_thr.
+            self.detections = load_person_detections(boxes, 0.0)
             self.box_mode = "auto"
         if self.box_mode == "seg" and "seg" not in self.runners:
             raise ValueError("boxes=seg needs a seg checkpoint in the same call")
@@ -201,7 +202,13 @@ class Predictor:
 
     # ------------------------------------------------------------------ pose
     def _boxes(self, index: int, image: np.ndarray, pred: Prediction, image_ids, boxes, tracker):
-        """(boxes (N, 4), scores (N,), source) for one image, by the preference order of the class doc."""
+        """(boxes (N, 4), scores (N,), source) for one image; boxes without area are dropped."""
+        found, scores, source = self._box_source(index, image, pred, image_ids, boxes, tracker)
+        keep = (found[:, 2] > 0) & (found[:, 3] > 0)
+        return found[keep], scores[keep], source
+
+    def _box_source(self, index: int, image: np.ndarray, pred: Prediction, image_ids, boxes, tracker):
+        """Boxes by the preference order of the class docstring."""
         given = None if boxes is None else boxes[index]
         if given is not None:
             given = np.asarray(given, np.float32)
@@ -211,8 +218,9 @@ class Predictor:
         if self.box_mode == "auto" and self.detections is not None and image_ids is not None:
             dets = self.detections.get(int(image_ids[index]))
             if dets is not None:
+                dets = [d for d in dets if d["score"] >= self.box_score_thr]
                 found = np.asarray([d["bbox"] for d in dets], np.float32).reshape(-1, 4)
-                return found, np.asarray([d["score"] for d in dets], np.float32), "file"
+                return found, np.asarray([d["score"] for d in dets], np.float32).reshape(-1), "file"
         if self.box_mode in ("auto", "seg") and pred.seg is not None:
             found = boxes_from_foreground(pred.seg.foreground)
             return found, np.ones(len(found), np.float32), "seg"
