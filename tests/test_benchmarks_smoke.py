@@ -131,3 +131,28 @@ def test_peak_memory() -> None:
     for row in rows:
         assert row[4] != "error", row
         assert float(row[6]) >= 0  # step peak MiB
+
+
+def test_predict_throughput() -> None:
+    out = run_benchmark(
+        "predict_throughput",
+        "--height",
+        "64",
+        "--width",
+        "48",
+        "--images",
+        "3",
+        "--batch",
+        "2",
+        "--head-channels",
+        "16",
+        "--tasks",
+        "pose",
+        "seg",
+    )
+    rows = {r[0]: r for r in markdown_rows(out)}
+    assert sorted(rows) == ["pose", "seg"]
+    for row in rows.values():
+        images_per_s, stages = float(row[1]), [float(v) for v in row[2:7]]
+        assert images_per_s > 0 and stages[2] > 0 and all(v >= 0 for v in stages)  # model time measured
+        assert float(row[7]) == pytest.approx(sum(stages) - stages[2], abs=0.2)  # non-model = the rest
