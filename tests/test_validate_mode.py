@@ -70,7 +70,7 @@ def test_validating_our_checkpoint_reproduces_the_runs_own_validation(synth_root
         f"data.root={synth_root}",
         f"paths.output_dir={out}",
     ]
-    run_train([*common, "run_name=train"])
+    run_train([*common, "run_name=train", "trainer.max_steps=2", "data.epoch_length=2"])
     trained = logged(out / "seg" / "train", "val/mIoU")[-1]
     run_train(
         [
