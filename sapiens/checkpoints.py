@@ -14,8 +14,12 @@ fine-tuning), or a consolidated fp32 state dict from a DeepSpeed ZeRO folder (``
 from __future__ import annotations
 
 import logging
+import pickle
 import re
+import warnings
+import zipfile
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -63,35 +67,69 @@ def is_published_layout(state: dict[str, torch.Tensor]) -> bool:
     return any(k.startswith(("layers.", "patch_embed.projection.")) for k in state)
 
 
-def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
-    """Load a checkpoint file with ``weights_only=True`` and return its flat tensor dict.
+def describe_load_failure(path: str | Path, err: BaseException) -> str:
+    """Why ``torch.load(path, weights_only=True)`` failed, in words a user can act on (torch's own
+    messages say ``KeyError: 101`` for a text file, or advise ``weights_only=False``, which must not
+    be done with a file one did not write: unpickling can run arbitrary code)."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(32)
+    except OSError as os_err:
+        return f"cannot be read ({os_err.strerror or os_err})"
+    if size == 0:
+        return "the file is empty (0 bytes)"
+    if isinstance(err, pickle.UnpicklingError) and "Weights only load failed" in str(err):
+        found = re.search(r"GLOBAL ([\w.]+)", str(err))
+        what = f" such as {found.group(1)}" if found else ""
+        return (
+            f"it holds Python objects{what}, not only tensors; it is refused because unpickling "
+            "them could run arbitrary code (only tensors and plain containers are loaded)"
+        )
+    if head.startswith(b"PK\x03\x04"):
+        return f"a truncated or damaged PyTorch checkpoint ({str(err).split('. ')[0][:120]})"
+    if head.startswith(b"\x80"):
+        return "a Python pickle that is not a torch.save checkpoint"
+    if all(32 <= b < 127 or b in b"\t\r\n" for b in head):
+        return f"a text file, not a PyTorch checkpoint (it starts with {head[:24].decode()!r})"
+    return f"not a PyTorch checkpoint ({size} bytes, starting with {head[:8]!r})"
 
-    Lightning checkpoints and mmengine files keep tensors under ``state_dict``; ``_clean`` files are flat.
-    """
-    obj = load_checkpoint_file(path)
-    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ValueError(f"{path} does not hold a state dict of tensors")
-    return obj
 
-
-def load_checkpoint_file(path: str | Path) -> object:
-    """The whole object of a checkpoint file (``weights_only=True``), with one-line errors naming it:
-    missing file, a folder (DeepSpeed ZeRO), unreadable or truncated bytes."""
+def load_checkpoint_file(path: str | Path, mmap: bool = False) -> Any:
+    """The whole object of a checkpoint file, ``torch.load(path, weights_only=True)`` on the CPU, or a
+    one-line error naming it and saying why it cannot be loaded (missing, a folder (DeepSpeed ZeRO), a
+    text file, a pickle of other objects, truncated bytes). ``mmap``: map the tensors instead of reading
+    them (for a zip checkpoint: cheap even for a multi-GB file, when only its small entries such as
+    ``global_step`` are needed)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if path.is_dir():
-        raise IsADirectoryError(
+        raise ValueError(
             f"{path} is a folder (a DeepSpeed ZeRO checkpoint?): convert it first with "
             f"`python -m sapiens.zero_to_fp32 {path} {path}.fp32.pt`"
         )
+    mmap = mmap and zipfile.is_zipfile(path)
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # pickle errors, truncated files
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise ValueError(f"cannot read checkpoint {path}: {reason}") from None
+        with warnings.catch_warnings():  # "Detected pickle protocol 4": harmless for torch.save files
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as err:  # pickle errors, truncated files, text files
+        raise ValueError(f"cannot read checkpoint {path}: {describe_load_failure(path, err)}") from None
+
+
+def read_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, torch.Tensor]:
+    """Load a checkpoint file with ``weights_only=True`` and return its flat tensor dict.
+
+    Lightning checkpoints and mmengine files keep tensors under ``state_dict``; ``_clean`` files are flat.
+    ``mmap``: map the tensors instead of reading them (a cheap check that the file is usable).
+    """
+    obj = load_checkpoint_file(path, mmap=mmap)
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ValueError(f"{path} does not hold a state dict of tensors")
     return obj
 
 

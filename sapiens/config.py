@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import math
+import re
 import types
 import typing
 from typing import Any
@@ -34,11 +36,35 @@ TASK_ONLY_KEYS = (
 
 
 class ConfigError(ValueError):
-    """A config value is missing, of the wrong type, or unknown."""
+    """A config value is missing, of the wrong type, or unknown (``key``: the key, when one is to blame)."""
+
+    def __init__(self, message: str, key: str | None = None, detail: str | None = None):
+        super().__init__(message)
+        self.key, self.detail = key, detail
 
 
 def _fail(key: str, message: str) -> None:
-    raise ConfigError(f"config key '{key}': {message}")
+    raise ConfigError(f"config key '{key}': {message}", key, message)
+
+
+INTERPOLATION = re.compile(r"^\$\{([\w.]+)\}$")
+
+
+def origin_key(cfg: DictConfig, key: str) -> str:
+    """The key whose value ``key`` takes: ``task.batch_size`` -> ``data.batch_size`` when the task
+    config says ``batch_size: ${data.batch_size}``, so that errors name the key the user typed."""
+    seen = {key}
+    while True:
+        parent, _, leaf = key.rpartition(".")
+        node = OmegaConf.select(cfg, parent) if parent else cfg
+        if not isinstance(node, DictConfig) or leaf not in node:
+            return key
+        raw = OmegaConf.to_container(node, resolve=False).get(leaf)
+        match = INTERPOLATION.match(raw) if isinstance(raw, str) else None
+        if match is None or match.group(1) in seen:
+            return key
+        key = match.group(1)
+        seen.add(key)
 
 
 def _suggest(name: str, options) -> str:
@@ -102,7 +128,18 @@ def _positive_int(section: str, key: str, value: Any, allow_none: bool = False) 
 
 
 def validate_config(cfg: DictConfig) -> None:
-    """Raise :class:`ConfigError` naming the first bad key of ``cfg``; returns None when all is well."""
+    """Raise :class:`ConfigError` naming the first bad key of ``cfg`` (the key the value was given
+    under, when it reached the bad place through an interpolation); returns None when all is well."""
+    try:
+        _validate(cfg)
+    except ConfigError as err:
+        if err.key is None or origin_key(cfg, err.key) == err.key:
+            raise
+        key = origin_key(cfg, err.key)
+        raise ConfigError(f"config key '{key}': {err.detail}", key, err.detail) from None
+
+
+def _validate(cfg: DictConfig) -> None:
     try:
         resolved = {
             key: OmegaConf.to_container(cfg[key], resolve=True, throw_on_missing=True)
@@ -172,6 +209,13 @@ def validate_config(cfg: DictConfig) -> None:
         _fail("data.pin_memory", f"expected auto, true or false, got {data.get('pin_memory')!r}")
     if not data.get("train_shards") and resolved.get("mode", "fit") == "fit":
         _fail("data.train_shards", "no training shards given")
+    _positive_int("data", "max_consecutive_skips", data.get("max_consecutive_skips", 10_000))
+    seconds = data.get("max_skip_seconds", 300)
+    if seconds is not None and (
+        isinstance(seconds, bool) or not isinstance(seconds, int | float) or seconds <= 0
+    ):
+        _fail("data.max_skip_seconds", f"expected a positive number of seconds or null, got {seconds!r}")
+    _check_pose_head(task, backbone)
 
     # trainer: keys must be lightning.Trainer arguments
     trainer = dict(resolved["trainer"])
@@ -180,3 +224,28 @@ def validate_config(cfg: DictConfig) -> None:
     for key in ("max_steps",):
         if not isinstance(trainer.get(key), int):
             _fail(f"trainer.{key}", f"expected an integer, got {trainer.get(key)!r}")
+
+
+def _check_pose_head(task: dict, backbone: dict) -> None:
+    """Pose heatmaps must come out of the head at the size of the targets (input / heatmap_stride):
+    the head upsamples the patch grid x2 per deconvolution, so e.g. patch 8 with the published two
+    deconvolutions gives heatmaps twice too large, which would only fail inside the first loss."""
+    if task.get("reader") != "pose":
+        return
+    height, width = task["image_size"]
+    patch, padding = backbone["patch_size"], int(task.get("patch_padding") or 0)
+    deconvs = len((task.get("task_head") or {}).get("deconv_channels") or [])
+    stride = int((task.get("train_transform") or {}).get("heatmap_stride", 4))
+    grid = [(side + 2 * padding - patch) // patch + 1 for side in (height, width)]
+    produced = [g * 2**deconvs for g in grid]
+    expected = [height // stride, width // stride]
+    if produced != expected:
+        needed = patch * produced[0] / expected[0]
+        hint = f"patch_size {needed:g}" if needed.is_integer() else "another patch size"
+        _fail(
+            "model.backbone.patch_size",
+            f"{patch} makes the pose head produce {produced[0]}x{produced[1]} heatmaps ({grid[0]}x{grid[1]} "
+            f"patches, x2 per entry of task.task_head.deconv_channels ({deconvs})) but the targets of "
+            f"{height}x{width} images are {expected[0]}x{expected[1]} (stride {stride}); use {hint}, or "
+            f"{math.log2(expected[0] / grid[0]):g} deconvolutions",
+        )

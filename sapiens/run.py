@@ -2,8 +2,8 @@
 
 ``train.py`` calls :func:`run`. The flow: validate the config -> seed -> build the data module (shards ->
 decoded, augmented batches), the LightningModule (``task._target_``) and the Trainer (``trainer``,
-``logger``, ``callbacks``) -> ``fit`` (resuming when a checkpoint exists) -> ``validate`` on the final
-weights.
+``logger``, ``callbacks``) -> ``fit`` (resuming from the newest checkpoint that loads, see
+``sapiens/resume.py``) -> ``validate`` on the final weights.
 """
 
 from __future__ import annotations
@@ -20,8 +20,11 @@ from lightning.pytorch.callbacks import ProgressBar
 from omegaconf import DictConfig, OmegaConf
 
 from sapiens.callbacks.atomic_checkpoint_io import AtomicCheckpointIO
-from sapiens.config import TASK_ONLY_KEYS, validate_config
+from sapiens.config import TASK_ONLY_KEYS
+from sapiens.console import quiet_third_party_noise
 from sapiens.data.datamodule import ShardDataModule
+from sapiens.preflight import preflight
+from sapiens.resume import drop_hpc_checkpoints, resolve_ckpt_path
 
 log = logging.getLogger(__name__)
 # Lightning 2.6 with torch >= 2.10 warns about its own pytree use on every batch; nothing for users to do.
@@ -45,6 +48,8 @@ def build_datamodule(cfg: DictConfig) -> ShardDataModule:
         shuffle_buffer=data.shuffle_buffer,
         seed=cfg.seed,
         pin_memory=_auto(data.get("pin_memory", "auto"), cfg.trainer.accelerator != "cpu"),
+        max_consecutive_skips=data.get("max_consecutive_skips", 10_000),
+        max_skip_seconds=data.get("max_skip_seconds", 300),
     )
 
 
@@ -97,40 +102,6 @@ def build_trainer(cfg: DictConfig) -> L.Trainer:
     )
 
 
-def resolve_ckpt_path(cfg: DictConfig) -> str | None:
-    """What ``fit`` resumes from.
-
-    ``auto``: a Slurm hpc checkpoint in the run directory (Lightning restores it itself, so None is
-    returned), else ``checkpoints/last.ckpt`` when it exists, else None (fresh start).
-    """
-    spec = cfg.get("ckpt_path")
-    if spec in (None, "null", "none"):
-        return None
-    run_dir = Path(cfg.paths.run_dir)
-    if spec != "auto":
-        if spec not in ("last", "best", "hpc") and not Path(spec).exists():
-            raise FileNotFoundError(f"ckpt_path={spec} does not exist")
-        return spec
-    if list(run_dir.glob("hpc_ckpt_*.ckpt")):
-        log.info("resuming from the Slurm hpc checkpoint in %s", run_dir)
-        return None
-    last = run_dir / "checkpoints" / "last.ckpt"
-    if last.exists():
-        log.info("resuming from %s", last)
-        return str(last)
-    return None
-
-
-def drop_hpc_checkpoints(trainer: L.Trainer, run_dir: Path) -> None:
-    """After a finished fit, Slurm hpc checkpoints are stale (last.ckpt is newer); Lightning would otherwise
-    restore them in ``validate`` and in any later run of this directory."""
-    trainer.strategy.barrier("hpc_cleanup")
-    if trainer.is_global_zero and not trainer.interrupted:
-        for path in run_dir.glob("hpc_ckpt_*.ckpt"):
-            path.unlink()
-    trainer.strategy.barrier("hpc_cleanup_done")
-
-
 def set_cpu_threads(cfg: DictConfig) -> None:
     """Intra-op threads for CPU training. ``auto`` leaves one core per data worker: oversubscribed OpenMP
     threads spin against the workers and can slow a CPU run down by an order of magnitude."""
@@ -156,14 +127,15 @@ def setup_run(cfg: DictConfig) -> tuple[Path, ShardDataModule, L.LightningModule
 
 
 def run(cfg: DictConfig) -> dict[str, float]:
-    """Validate, build, fit and validate; returns the final metrics (``trainer.callback_metrics``).
+    """Check, build, fit and validate; returns the final metrics (``trainer.callback_metrics``).
 
     ``mode=validate`` only scores ``task.init_from`` (:func:`sapiens.validate.validate_checkpoint`)."""
+    quiet_third_party_noise()
+    preflight(cfg)  # config, data, writable outputs, checkpoints: before anything is built
     if cfg.get("mode", "fit") == "validate":
         from sapiens.validate import validate_checkpoint  # it builds with this module's functions
 
         return validate_checkpoint(cfg)
-    validate_config(cfg)
     run_dir, datamodule, module = setup_run(cfg)
     trainer = build_trainer(cfg)
     if trainer.is_global_zero:

@@ -23,17 +23,26 @@ plus Lightning's own entries when present (``epoch``, ``global_step``, ``hyper_p
 ``zero_conversion`` (source directory, tag, ZeRO stage). Optimizer state is *not* kept: the file
 cannot resume a run (``fit(ckpt_path=...)``); resume from the directory.
 
-CLI: ``python -m sapiens.zero_to_fp32 DIR OUT [--tag TAG] [--exclude-frozen]``.
+Safety: a checkpoint file is a pickle, and unpickling can run arbitrary code. Every file of the tag
+directory is first loaded with ``weights_only=True``, allowing only tensors, plain containers and the
+few DeepSpeed classes its checkpoints hold (:data:`DEEPSPEED_GLOBALS`); a file holding anything else is
+refused, unless ``--trust-checkpoint`` (``trust=True``) says it was written by you or someone you trust.
+Only then does DeepSpeed's own consolidation (which unpickles without restriction) read the files.
+
+CLI: ``python -m sapiens.zero_to_fp32 DIR OUT [--tag TAG] [--exclude-frozen] [--trust-checkpoint]``.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from sapiens.checkpoints import load_checkpoint_file
 
 MODEL_STATE_FILES = {
     # ZeRO stage -> name of the (rank 0) file holding the module's buffers and the client state
@@ -66,6 +75,17 @@ _DEEPSPEED_KEYS = frozenset(
         "ds_config",
         "ds_version",
     }
+)
+
+# The classes DeepSpeed pickles into ZeRO checkpoints (besides tensors and plain containers): ZeRO
+# optimizer states hold the stage as an enum, the loss scaler object and fragment addresses of the flat
+# partitions (DeepSpeed 0.10 - 0.19). Their unpickling sets plain attributes; no code of theirs runs.
+DEEPSPEED_GLOBALS = (
+    "deepspeed.runtime.zero.config.ZeroStageEnum",
+    "deepspeed.runtime.zero.offload_config.OffloadDeviceEnum",
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+    "deepspeed.utils.tensor_fragment.fragment_address",
 )
 
 # Lightning < 2.1 wrapped the LightningModule; its checkpoints carry this prefix on every key.
@@ -125,14 +145,52 @@ def resolve_checkpoint(checkpoint_dir: str | os.PathLike, tag: str | None = None
     return root, tag
 
 
-def _read_client_state(tag_dir: Path) -> tuple[dict[str, Any], int]:
+def deepspeed_safe_globals() -> list:
+    """The classes of :data:`DEEPSPEED_GLOBALS` this DeepSpeed has (for ``safe_globals``)."""
+    classes = []
+    for name in DEEPSPEED_GLOBALS:
+        module, _, attr = name.rpartition(".")
+        try:
+            classes.append(getattr(importlib.import_module(module), attr))
+        except (ImportError, AttributeError):
+            continue  # another DeepSpeed version: a file that needs it is refused, with its name
+    return classes
+
+
+def load_restricted(path: Path, trust: bool = False) -> Any:
+    """``torch.load`` of a DeepSpeed file with ``weights_only=True`` and :data:`DEEPSPEED_GLOBALS`
+    allowed (tensors memory-mapped, so only the small entries are read); ``trust`` lifts the restriction.
+
+    Raises:
+        ValueError: the file holds other objects (named), or is not a PyTorch file.
+    """
+    if trust:
+        return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    with torch.serialization.safe_globals(deepspeed_safe_globals()):
+        try:
+            return load_checkpoint_file(path, mmap=True)
+        except ValueError as err:
+            raise ValueError(
+                f"{err}. Convert it only if you wrote it or trust its source: pass --trust-checkpoint "
+                "(trust=True) to load it without this restriction"
+            ) from None
+
+
+def check_tag_dir(tag_dir: Path, trust: bool = False) -> None:
+    """Load every ``*.pt`` file of ``tag_dir`` under :func:`load_restricted` before DeepSpeed (which
+    unpickles them without restriction) reads them."""
+    if trust:
+        return
+    for path in sorted(tag_dir.glob("*.pt")):
+        load_restricted(path)
+
+
+def _read_client_state(tag_dir: Path, trust: bool = False) -> tuple[dict[str, Any], int]:
     """Return (client state without DeepSpeed internals, ZeRO stage) from the rank-0 model file."""
     for stage, name in sorted(MODEL_STATE_FILES.items(), reverse=True):
         path = tag_dir / name
         if path.is_file():
-            # weights_only=False: the file pickles Lightning's loop/callback state (plain Python
-            # objects). Only convert checkpoints you produced or trust.
-            state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+            state = load_restricted(path, trust)
             zero_cfg = (state.get("ds_config") or {}).get("zero_optimization") or {}
             stage = int(zero_cfg.get("stage", stage))
             client = {k: v for k, v in state.items() if k not in _DEEPSPEED_KEYS}
@@ -145,6 +203,7 @@ def convert_zero_checkpoint(
     output_file: str | os.PathLike,
     tag: str | None = None,
     exclude_frozen_parameters: bool = False,
+    trust: bool = False,
 ) -> Path:
     """Consolidate a ZeRO stage 1/2/3 checkpoint directory into one fp32 file, written atomically.
 
@@ -156,6 +215,8 @@ def convert_zero_checkpoint(
         tag: tag sub-directory; ``None`` reads ``latest``.
         exclude_frozen_parameters: leave out parameters with ``requires_grad=False`` (only valid
             when training saved them with ``exclude_frozen_parameters`` too).
+        trust: load the files without the ``weights_only`` restriction (see the module docstring);
+            only for checkpoints you wrote or whose source you trust.
 
     Returns:
         The output path. The file holds ``state_dict`` (str -> float32 tensor, every parameter
@@ -163,7 +224,8 @@ def convert_zero_checkpoint(
         ``zero_conversion`` = {"checkpoint_dir", "tag", "zero_stage"}.
 
     Raises:
-        FileNotFoundError / ValueError: not a ZeRO checkpoint directory (message says why).
+        FileNotFoundError / ValueError: not a ZeRO checkpoint directory, or a file holds objects
+            other than tensors, plain containers and :data:`DEEPSPEED_GLOBALS` (message says why).
         ModuleNotFoundError: DeepSpeed is not installed.
     """
     root, tag = resolve_checkpoint(checkpoint_dir, tag)
@@ -177,7 +239,8 @@ def convert_zero_checkpoint(
             "converting ZeRO checkpoints needs DeepSpeed: pip install deepspeed"
         ) from err
 
-    client, stage = _read_client_state(root / tag)
+    check_tag_dir(root / tag, trust)
+    client, stage = _read_client_state(root / tag, trust)
     # DeepSpeed stitches the per-rank flat fp32 partitions back into named tensors.
     weights = get_fp32_state_dict_from_zero_checkpoint(
         str(root), tag=tag, exclude_frozen_parameters=exclude_frozen_parameters
@@ -215,12 +278,21 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="leave out frozen (requires_grad=False) params",
     )
+    parser.add_argument(
+        "--trust-checkpoint",
+        action="store_true",
+        help="load files holding Python objects other than tensors, plain containers and DeepSpeed's "
+        "own state classes (unpickling such objects can run arbitrary code: only for checkpoints you "
+        "wrote or whose source you trust)",
+    )
     args = parser.parse_args(argv)
     try:
-        out = convert_zero_checkpoint(args.checkpoint_dir, args.output_file, args.tag, args.exclude_frozen)
+        out = convert_zero_checkpoint(
+            args.checkpoint_dir, args.output_file, args.tag, args.exclude_frozen, args.trust_checkpoint
+        )
     except (FileNotFoundError, ValueError) as err:
         parser.exit(2, f"error: {err}\n")
-    state = torch.load(out, map_location="cpu", weights_only=False, mmap=True)
+    state = load_restricted(out, trust=args.trust_checkpoint)
     n_params = sum(t.numel() for t in state["state_dict"].values())
     info = state["zero_conversion"]
     print(

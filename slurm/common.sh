@@ -20,7 +20,8 @@
 #                       <array job id>_<task id>; a requeued job keeps its id, so it resumes in
 #                       the same directory)
 #   TRAINER             trainer config (default: ddp, or ddp_cpu when GPUS_PER_NODE=0; with an
-#                       experiment= preset on GPUs, the preset's own trainer)
+#                       experiment= preset on GPUs, the preset's own trainer; trainer=, task= or
+#                       run_name= on the command line win over TRAINER, the script and RUN_NAME)
 #   PYTHON              interpreter (default: <repo>/.venv/bin/python if present, else python)
 # Plain `sbatch slurm/<script>.sbatch overrides...` also works (the #SBATCH defaults apply;
 # sbatch's own SBATCH_* input variables are honoured as usual).
@@ -87,11 +88,17 @@ _sapiens_run() {
     run_name="${run_name:-$SLURM_JOB_ID}"
 
     # An `experiment=` preset brings its own trainer (e.g. deepspeed_stage_2 for 1b/2b): keep it on
-    # GPU jobs unless TRAINER says otherwise; a command-line trainer= would silently replace it.
-    local has_experiment=0 arg
-    for arg in "$@"; do [[ "$arg" == experiment=* ]] && has_experiment=1; done
+    # GPU jobs unless TRAINER says otherwise. A trainer=, task= or run_name= given on the command
+    # line wins over this script's (train.py refuses a key given twice with different values).
+    local has_experiment=0 has_trainer=0 has_task=0 has_run_name=0 arg
+    for arg in "$@"; do
+        [[ "$arg" == experiment=* ]] && has_experiment=1
+        [[ "$arg" == trainer=* ]] && has_trainer=1
+        [[ "$arg" == task=* ]] && has_task=1
+        [[ "$arg" == run_name=* ]] && has_run_name=1
+    done
     local trainer="${TRAINER:-}"
-    if [[ -z "$trainer" ]]; then
+    if [[ -z "$trainer" && "$has_trainer" == 0 ]]; then
         if [[ "${GPUS_PER_NODE:-}" == 0 || "${SLURM_GPUS_PER_NODE:-}" == 0 ]]; then
             trainer=ddp_cpu
         elif [[ "$has_experiment" == 0 ]]; then
@@ -103,9 +110,10 @@ _sapiens_run() {
         python=python
         [[ -x .venv/bin/python ]] && python=.venv/bin/python
     fi
-    local overrides=(run_name="$run_name")
-    [[ -n "$trainer" ]] && overrides=(trainer="$trainer" "${overrides[@]}")
-    [[ -n "$task" ]] && overrides=(task="$task" "${overrides[@]}")
+    local overrides=()
+    [[ "$has_run_name" == 0 ]] && overrides+=(run_name="$run_name")
+    [[ -n "$trainer" && "$has_trainer" == 0 ]] && overrides=(trainer="$trainer" "${overrides[@]}")
+    [[ -n "$task" && "$has_task" == 0 ]] && overrides=(task="$task" "${overrides[@]}")
 
     echo "[$(date '+%F %T')] job ${SLURM_JOB_ID} (restart ${SLURM_RESTART_COUNT:-0}):" \
         "${SLURM_NNODES:-1} node(s) x ${SLURM_NTASKS_PER_NODE:-?} task(s) on ${SLURM_JOB_NODELIST:-?};" \

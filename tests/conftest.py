@@ -119,6 +119,13 @@ def pretrained_ckpt(synth_root, tmp_path_factory) -> Path:
     return out / "pretrain" / "pre" / "checkpoints" / "last.ckpt"
 
 
+def overridden(base: list[str], *extra: str) -> list[str]:
+    """``base`` overrides with the keys of ``extra`` replaced by ``extra``'s values: train.py refuses a
+    key given twice with different values."""
+    keys = {arg.split("=", 1)[0].lstrip("+") for arg in extra}
+    return [arg for arg in base if arg.split("=", 1)[0].lstrip("+") not in keys] + list(extra)
+
+
 # Fine-tuning overrides that shrink every demo preset to test size.
 TINY_FINETUNE = [
     "model=vit_tiny",

@@ -156,3 +156,11 @@ def test_predict_throughput() -> None:
         images_per_s, stages = float(row[1]), [float(v) for v in row[2:7]]
         assert images_per_s > 0 and stages[2] > 0 and all(v >= 0 for v in stages)  # model time measured
         assert float(row[7]) == pytest.approx(sum(stages) - stages[2], abs=0.2)  # non-model = the rest
+
+
+def test_resume_choice() -> None:
+    out = run_benchmark("resume_choice", "--gb", "0.01")
+    assert number_after("checkpoint:", out) > 0
+    rows = dict((r[0], float(r[1])) for r in markdown_rows(out))
+    assert set(rows) == {"choose (find_resume_checkpoint)", "full torch.load"}
+    assert all(v > 0 for v in rows.values())

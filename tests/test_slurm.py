@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import TINY
+from tests.conftest import TINY, overridden
 from tests.slurm_cluster import (
     REPO,
     is_final,
@@ -51,13 +51,7 @@ def _env(tmp_path: Path) -> dict[str, str]:
 
 
 def _overrides(data_root: Path, max_steps: int, *extra: str) -> list[str]:
-    return [
-        *TINY,
-        f"data.root={data_root}",
-        f"trainer.max_steps={max_steps}",
-        "logger=csv",
-        *extra,
-    ]
+    return overridden(TINY, f"data.root={data_root}", f"trainer.max_steps={max_steps}", "logger=csv", *extra)
 
 
 def _global_step(path: Path) -> int:

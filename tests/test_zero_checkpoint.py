@@ -189,6 +189,30 @@ def test_rejects_non_checkpoint_directories(tmp_path):
     assert not (tmp_path / "out.ckpt").exists()
 
 
+def test_crafted_checkpoint_is_refused_without_running_its_code(tmp_path, capsys):
+    """A model-state file holding an object whose unpickling runs code: refused, code never run."""
+    from sapiens.zero_to_fp32 import convert_zero_checkpoint, main
+    from tests.faults import RunsCode
+
+    marker = tmp_path / "code_ran"
+    tag = tmp_path / "zero" / "global_step1"
+    tag.mkdir(parents=True)
+    (tmp_path / "zero" / "latest").write_text("global_step1")
+    state = {"module": {"w": torch.zeros(2)}, "buffer_names": [], "param_shapes": [], "x": RunsCode(marker)}
+    torch.save(state, tag / "mp_rank_00_model_states.pt", pickle_protocol=2)
+    with pytest.raises(ValueError, match="could run arbitrary code.*--trust-checkpoint"):
+        convert_zero_checkpoint(tmp_path / "zero", tmp_path / "out.pt")
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(tmp_path / "zero"), str(tmp_path / "out.pt")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "mp_rank_00_model_states.pt" in err[0] and "weights_only=False" not in err[0]
+    assert not marker.exists() and not (tmp_path / "out.pt").exists()
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "--trust-checkpoint" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize(("trainer", "stage"), [("deepspeed_stage_2", 2), ("deepspeed_stage_3", 3)])
 def test_trainer_configs_build_deepspeed_strategies(trainer, stage):
     """conf/trainer/deepspeed_stage_{2,3}.yaml -> a DeepSpeedStrategy with that ZeRO config."""

@@ -88,7 +88,7 @@ def collate_dicts(
         crops = [s[key] for s in samples]
         batch[key], failed = pack_device_crops(crops, pool)
         for index, reason in failed:
-            error = CorruptSampleError(crops[index].key, reason)
+            error = CorruptSampleError(crops[index].key, reason, crops[index].url)
             if on_corrupt is None:
                 raise error
             on_corrupt(str(error))

@@ -14,6 +14,7 @@ worker since its previous batch; sum and log it in the LightningModule.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -22,6 +23,8 @@ import lightning.pytorch as pl
 from sapiens.data.readers import READERS
 from sapiens.data.shard_urls import expand_shards
 from sapiens.data.shards import ShardLoader, build_eval_pipeline, build_train_pipeline, dist_info
+
+log = logging.getLogger(__name__)
 
 
 class ShardDataModule(pl.LightningDataModule):
@@ -41,6 +44,8 @@ class ShardDataModule(pl.LightningDataModule):
         shuffle_buffer: raw samples per worker in the shuffle buffer.
         seed: base seed; streams depend only on (seed, epoch, rank, worker).
         pin_memory, persistent_workers, prefetch_factor: passed to the DataLoader.
+        max_consecutive_skips, max_skip_seconds: a streak of skipped samples this long (in count or
+            in seconds without a good sample) stops the run: the data is unusable.
     """
 
     def __init__(
@@ -60,6 +65,8 @@ class ShardDataModule(pl.LightningDataModule):
         pin_memory: bool = False,
         persistent_workers: bool = False,
         prefetch_factor: int | None = None,
+        max_consecutive_skips: int = 10_000,
+        max_skip_seconds: float | None = 300.0,
     ):
         super().__init__()
         if reader not in READERS:
@@ -81,6 +88,10 @@ class ShardDataModule(pl.LightningDataModule):
         self.pin_memory = bool(pin_memory)
         self.persistent_workers = bool(persistent_workers)
         self.prefetch_factor = prefetch_factor
+        self.skip_limits = {
+            "max_consecutive_skips": int(max_consecutive_skips),
+            "max_skip_seconds": None if max_skip_seconds is None else float(max_skip_seconds),
+        }
         self._loaders: list[ShardLoader] = []  # closed in teardown (persistent workers)
 
     # -- distributed context -----------------------------------------------------------------
@@ -131,6 +142,7 @@ class ShardDataModule(pl.LightningDataModule):
             pin_memory=self.pin_memory,
             persistent_workers=self.persistent_workers,
             prefetch_factor=self.prefetch_factor,
+            **self.skip_limits,
         )
         self._loaders.append(loader)
         return loader
@@ -150,6 +162,7 @@ class ShardDataModule(pl.LightningDataModule):
             pin_memory=self.pin_memory,
             persistent_workers=self.persistent_workers,
             prefetch_factor=self.prefetch_factor,
+            **self.skip_limits,
         )
         self._loaders.append(loader)
         return loader
@@ -170,6 +183,7 @@ def _plain(spec: Any) -> str | list[str] | None:
 
 def _check_spec(name: str, spec: str | list[str]) -> None:
     try:
-        expand_shards(spec)
+        urls = expand_shards(spec)
     except (FileNotFoundError, ValueError) as err:
         raise type(err)(f"ShardDataModule.{name}: {err}") from None
+    log.info("%s: %d shard(s), first %s", name, len(urls), urls[0])

@@ -41,7 +41,7 @@ class DeviceCrop:
         pixels: the decoded (h, w, 3) uint8 RGB image, or None to decode ``encoded`` when packing.
         encoded: JPEG bytes (used when ``pixels`` is None), decoded at the DCT scale that gives
             ``decoded_hw``.
-        key: sample key, for the message when the JPEG turns out to be corrupt.
+        key, url: sample key and shard, for the message when the JPEG turns out to be corrupt.
     """
 
     size: tuple[int, int]
@@ -54,6 +54,7 @@ class DeviceCrop:
     interpolation: str = "bicubic"
     antialias: bool = True
     key: str = "?"
+    url: str | None = None
 
     def decode_into(self, out: np.ndarray) -> None:
         """Write the (h, w, 3) decoded image into ``out`` (flat uint8, h * w * 3 long)."""

@@ -172,7 +172,8 @@ class PretrainTransform:
         try:
             return decode()
         except ValueError as err:
-            raise CorruptSampleError(str(sample.get("key", "?")), f"image: {err}") from None
+            key = str(sample.get("key", "?"))
+            raise CorruptSampleError(key, f"image: {err}", sample.get("url")) from None
 
     def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
         """Sample -> ``{"image": uint8 (3, out_h, out_w)}``, or a ``DeviceCrop`` (``resize_on="device"``)."""
@@ -199,6 +200,7 @@ class PretrainTransform:
                     interpolation=self.interpolation,
                     antialias=self.antialias,
                     key=str(sample.get("key", "?")),
+                    url=sample.get("url"),
                 )
             }
         if image is None:

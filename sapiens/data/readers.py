@@ -76,12 +76,26 @@ def decode_jpeg_at_size(
         ValueError: the bytes do not decode, or not to ``size_hw``.
     """
     h, w = size_hw
-    image = simplejpeg.decode_jpeg(
-        data, colorspace="RGB", fastdct=fast, fastupsample=fast, min_height=h, min_width=w, buffer=buffer
-    )
+    try:
+        image = simplejpeg.decode_jpeg(
+            data, colorspace="RGB", fastdct=fast, fastupsample=fast, min_height=h, min_width=w, buffer=buffer
+        )
+    except RuntimeError as err:  # libjpeg-turbo reports some broken streams this way
+        raise ValueError(str(err)) from None
     if image.shape[:2] != (h, w):
         raise ValueError(f"decoded to {image.shape[:2]}, expected {(h, w)}")
     return image
+
+
+def cv2_decode(data: bytes, flags: int) -> np.ndarray | None:
+    """``cv2.imdecode`` that returns None for anything it cannot decode: cv2 raises ``cv2.error``
+    instead of returning None for some inputs (an empty buffer: ``!buf.empty()``)."""
+    if not data:
+        return None
+    try:
+        return cv2.imdecode(np.frombuffer(data, np.uint8), flags)
+    except cv2.error:
+        return None
 
 
 def decode_image_bytes(data: bytes) -> np.ndarray:
@@ -91,14 +105,16 @@ def decode_image_bytes(data: bytes) -> np.ndarray:
         (H, W, 3) uint8 RGB array.
 
     Raises:
-        ValueError: if the bytes are not a decodable image.
+        ValueError: if the bytes are not a decodable image (including zero bytes).
     """
+    if not data:
+        raise ValueError("empty image (0 bytes)")
     if is_jpeg(data):
         try:
             return simplejpeg.decode_jpeg(data, colorspace="RGB")
         except (ValueError, RuntimeError):
             pass  # libjpeg-turbo cannot do everything (e.g. some CMYK files): try cv2.
-    bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    bgr = cv2_decode(data, cv2.IMREAD_COLOR)
     if bgr is None or bgr.ndim != 3 or bgr.size == 0:
         raise ValueError(f"not a decodable image ({len(data)} bytes, starts {data[:8]!r})")
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
@@ -120,7 +136,7 @@ def _image(sample: dict[str, Any]) -> np.ndarray:
 
 def _gray_png(sample: dict[str, Any], ext: str, shape: tuple[int, int]) -> np.ndarray:
     data = _entry(sample, ext)
-    array = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    array = cv2_decode(data, cv2.IMREAD_UNCHANGED)
     if array is None:
         raise _fail(sample, f"'{ext}' is not a decodable PNG ({len(data)} bytes)")
     if array.ndim != 2 or array.dtype != np.uint8:
@@ -152,11 +168,13 @@ def read_pretrain(sample: dict[str, Any]) -> dict[str, Any]:
 
 
 def read_pretrain_encoded(sample: dict[str, Any]) -> dict[str, Any]:
-    """Pretraining sample -> ``{"encoded": bytes, "image_hw": (H, W), "key": str}``, not decoded.
+    """Pretraining sample -> ``{"encoded": bytes, "image_hw": (H, W), "key": str, "url": str | None}``,
+    not decoded.
 
     For transforms that decode themselves (``PretrainTransform`` decodes JPEGs at the reduced
     DCT scale its crop allows). ``image_hw`` comes from the JPEG header (None for other formats
     and unreadable headers); undecodable bytes are found, and skipped, when the transform decodes.
+    ``url`` is the shard the sample came from, for the transform's skip messages.
     """
     _, data = _image_entry(sample)
     hw = None
@@ -166,7 +184,7 @@ def read_pretrain_encoded(sample: dict[str, Any]) -> dict[str, Any]:
             hw = (int(h), int(w))
         except (ValueError, RuntimeError):
             pass  # left to the full decoder (and its cv2 fallback) in the transform
-    return {"encoded": data, "image_hw": hw, "key": _key(sample)}
+    return {"encoded": data, "image_hw": hw, "key": _key(sample), "url": sample.get("__url__")}
 
 
 def _person(sample: dict[str, Any], raw: Any, index: int) -> dict[str, Any]:

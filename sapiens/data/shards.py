@@ -16,7 +16,8 @@ the shard list is reshuffled (same order on every rank), split by rank then by w
 repeated. All randomness comes from (seed, epoch, rank, worker), so a run resumed at epoch e
 sees the same stream as the original epoch e: a transform with a ``reseed(seed)`` method is
 reseeded at each epoch start, and worker processes also seed ``random``, ``numpy.random`` and
-``torch``. Skips are logged for the first 5 per worker, then at most once a minute.
+``torch``. Skips are logged for the first 5 per worker, then at most once a minute; a streak of
+skips ends the stream after a count or a time budget, or on SIGTERM / SIGINT (``skips``).
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ import logging
 import multiprocessing as mp
 import os
 import random
-import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from itertools import islice
 from typing import Any
@@ -39,6 +39,7 @@ from sapiens.data.batch_buffers import PoolFlags, buffer_pool
 from sapiens.data.collate import collate_dicts
 from sapiens.data.readers import CorruptSampleError, get_reader
 from sapiens.data.shard_urls import expand_shards
+from sapiens.data.skips import SkipTally, new_stop_flag, stop_on_signals
 
 log = logging.getLogger(__name__)
 
@@ -55,42 +56,6 @@ def dist_info(rank: int | None = None, world_size: int | None = None) -> tuple[i
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-
-
-class _Tally:
-    """Counts skipped samples/tars of one worker iteration; warns the first few, then at most
-    once per ``interval_s`` (with how many were silenced) so a bad shard cannot flood the log.
-    ``max_streak`` skips without a good sample in between mean the data is unusable: raise
-    instead of spinning forever on an infinite stream."""
-
-    def __init__(self, max_streak: int, first: int = 5, interval_s: float = 60.0):
-        self.max_streak, self.first, self.interval_s = max_streak, first, interval_s
-        self.total, self.pending, self.silenced, self.last, self.streak = 0, 0, 0, 0.0, 0
-
-    def good(self) -> None:
-        self.streak = 0
-
-    def skip(self, message: str) -> None:
-        self.total += 1
-        self.pending += 1
-        self.streak += 1
-        if self.streak >= self.max_streak:
-            raise RuntimeError(
-                f"{self.streak} samples/shards in a row were skipped, the data looks unusable; "
-                f"last: {message}"
-            )
-        now = time.monotonic()
-        if self.total <= self.first or now - self.last >= self.interval_s:
-            extra = f" (+{self.silenced} similar warnings silenced)" if self.silenced else ""
-            log.warning("skipping: %s%s [%d skipped in this worker]", message, extra, self.total)
-            self.last, self.silenced = now, 0
-        else:
-            self.silenced += 1
-
-    def take(self) -> int:
-        """Skips since the previous call."""
-        pending, self.pending = self.pending, 0
-        return pending
 
 
 def _shuffled(items: Iterable[Any], bufsize: int, rng: random.Random) -> Iterator[Any]:
@@ -128,6 +93,7 @@ class ShardStream(IterableDataset):
         world_size: int,
         max_consecutive_bad_shards: int = 64,
         max_consecutive_skips: int = 10_000,
+        max_skip_seconds: float | None = 300.0,
         reuse_buffers: bool = True,
     ):
         super().__init__()
@@ -137,10 +103,12 @@ class ShardStream(IterableDataset):
         self.rank, self.world_size = rank, world_size
         self.max_consecutive_bad_shards = max_consecutive_bad_shards
         self.max_consecutive_skips = max_consecutive_skips
+        self.max_skip_seconds = max_skip_seconds
         self.reuse_buffers = reuse_buffers  # see sapiens.data.batch_buffers
         self.pool_flags: PoolFlags | None = None  # set by ShardLoader before workers start
         # Shared with worker processes so persistent workers see the new epoch too.
         self._epoch = mp.Value("q", 0)
+        self.stop_flag = new_stop_flag()  # set by SIGTERM / SIGINT (see sapiens.data.skips)
 
     def set_epoch(self, epoch: int) -> None:
         self._epoch.value = int(epoch)
@@ -165,7 +133,7 @@ class ShardStream(IterableDataset):
                 )
             yield from mine
 
-    def _raw_samples(self, shards: Iterator[str], tally: _Tally) -> Iterator[dict]:
+    def _raw_samples(self, shards: Iterator[str], tally: SkipTally) -> Iterator[dict]:
         errors_in_shard = 0
 
         def on_tar_error(exn: Exception) -> bool:
@@ -188,7 +156,7 @@ class ShardStream(IterableDataset):
                     f"(e.g. {failed[:3]}); the shard list looks unreadable"
                 )
 
-    def _decoded(self, raw: Iterable[dict], tally: _Tally) -> Iterator[dict]:
+    def _decoded(self, raw: Iterable[dict], tally: SkipTally) -> Iterator[dict]:
         for sample in raw:
             try:
                 out = self.reader(sample)
@@ -202,6 +170,8 @@ class ShardStream(IterableDataset):
                 try:  # only data errors are skipped; any other transform error is a bug
                     out = self.sample_transform(out)
                 except CorruptSampleError as err:
+                    if err.url is None:  # name the shard even when the transform could not
+                        err = CorruptSampleError(err.key, err.reason, sample.get("__url__"))
                     tally.skip(str(err))
                     continue
             tally.good()
@@ -209,7 +179,7 @@ class ShardStream(IterableDataset):
                 continue
             yield from out if isinstance(out, list) else [out]
 
-    def _batches(self, samples: Iterable[dict], tally: _Tally) -> Iterator[dict]:
+    def _batches(self, samples: Iterable[dict], tally: SkipTally) -> Iterator[dict]:
         def collate(batch: list[dict]) -> list[dict]:
             """[the collated batch], or [] when every sample turned out corrupt while collating
             (JPEGs decoded in the collate: ``PretrainTransform(resize_on="device")``; such a
@@ -241,7 +211,7 @@ class ShardStream(IterableDataset):
             torch.manual_seed(transform_seed)
         if hasattr(self.sample_transform, "reseed"):
             self.sample_transform.reseed(transform_seed)
-        tally = _Tally(self.max_consecutive_skips)
+        tally = SkipTally(self.max_consecutive_skips, self.max_skip_seconds, self.stop_flag)
         raw = self._raw_samples(self._worker_shards(epoch, worker, nworkers), tally)
         if self.mode != "eval" and self.shuffle_buffer > 1:
             rng = random.Random(derive_seed(self.seed, epoch, self.rank, worker, 4))
@@ -308,6 +278,7 @@ class ShardLoader:
         if self.epoch_fn is None:
             self.epoch += 1
         self.stream.set_epoch(epoch)
+        stop_on_signals(self.stream.stop_flag)
         count = 0
         for batch in self.loader:
             count += 1
@@ -349,6 +320,7 @@ def build_train_pipeline(
     prefetch_factor: int | None = None,
     max_consecutive_bad_shards: int = 64,
     max_consecutive_skips: int = 10_000,
+    max_skip_seconds: float | None = 300.0,
     reuse_buffers: bool = True,
 ) -> ShardLoader:
     """Training loader yielding exactly ``epoch_length`` batches per rank and epoch.
@@ -369,9 +341,9 @@ def build_train_pipeline(
         shuffle_buffer: raw samples held per worker for shuffling (<= 1 disables).
         rank, world_size: default from torch.distributed, else RANK / WORLD_SIZE, else 0 / 1.
         epoch_fn: returns the epoch at each ``iter()`` (else see :class:`ShardLoader`).
-        max_consecutive_bad_shards, max_consecutive_skips: a worker raises RuntimeError after
-            this many shards in a row gave no sample / this many skips in a row, instead of
-            spinning forever on an unreadable shard list.
+        max_consecutive_bad_shards, max_consecutive_skips, max_skip_seconds: a worker raises
+            RuntimeError after this many shards in a row gave no sample / this many skips in a row /
+            this many seconds of skips without a good sample, instead of spinning on unusable data.
         reuse_buffers: workers build batches in recycled shared memory
             (:mod:`sapiens.data.batch_buffers`); False allocates fresh memory per batch.
 
@@ -407,6 +379,7 @@ def build_train_pipeline(
         world_size=world_size,
         max_consecutive_bad_shards=max_consecutive_bad_shards,
         max_consecutive_skips=max_consecutive_skips,
+        max_skip_seconds=max_skip_seconds,
         reuse_buffers=reuse_buffers,
     )
     return ShardLoader(stream, num_workers, pin_memory, persistent_workers, prefetch_factor, epoch_fn)
@@ -424,6 +397,8 @@ def build_eval_pipeline(
     pin_memory: bool = False,
     persistent_workers: bool = False,
     prefetch_factor: int | None = None,
+    max_consecutive_skips: int = 10_000,
+    max_skip_seconds: float | None = 300.0,
     reuse_buffers: bool = True,
 ) -> ShardLoader:
     """One ordered pass over this rank's shards (``shards[rank::world][worker::workers]``),
@@ -445,6 +420,8 @@ def build_eval_pipeline(
         seed=0,
         rank=rank,
         world_size=world_size,
+        max_consecutive_skips=max_consecutive_skips,
+        max_skip_seconds=max_skip_seconds,
         reuse_buffers=reuse_buffers,
     )
     return ShardLoader(stream, num_workers, pin_memory, persistent_workers, prefetch_factor)

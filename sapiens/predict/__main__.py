@@ -14,7 +14,7 @@ import sys
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from sapiens.overrides import quote_brace_patterns
+from sapiens.overrides import RepeatedOverrideError, prepare_overrides
 from sapiens.predict.pipeline import run_predict
 
 # Bad sources, files, tasks and options: reported in one line, without a traceback.
@@ -44,7 +44,11 @@ def predict(cfg: DictConfig) -> None:
 
 def main() -> None:
     """Console-script entry point (``sapiens-predict``)."""
-    sys.argv = quote_brace_patterns(sys.argv)
+    try:  # a key given twice with different values (e.g. a brace pattern bash expanded) is refused
+        sys.argv = prepare_overrides(sys.argv, list_keys=None)
+    except RepeatedOverrideError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
     predict()
 
 
