@@ -44,9 +44,9 @@ def how_to_make_data(cfg: DictConfig) -> str:
     return f"convert your data with `python -m data.make_shards {sub}` (see --help)"
 
 
-def check_data(cfg: DictConfig, keys: tuple[str, ...] = ("train_shards", "val_shards")) -> None:
+def check_data(cfg: DictConfig) -> None:
     """The training (and validation) shards exist."""
-    for key in keys:
+    for key in ("train_shards", "val_shards"):
         spec = cfg.data.get(key)
         if spec is None:
             continue
@@ -96,8 +96,9 @@ def preflight(cfg: DictConfig) -> None:
     run_dir = str(cfg.paths.run_dir)
     if run_dir in _checked:
         return
-    if cfg.get("mode", "fit") == "validate":  # sapiens.validate checks the config (no training keys)
-        check_data(cfg, ("val_shards",))
+    if cfg.get("mode", "fit") == "validate":
+        # sapiens.validate checks the config (no training keys needed) and, first of all, that the
+        # checkpoint holds a model of this task; the data is checked after that.
         check_outputs(cfg)
         check_checkpoints(cfg, resume=False)
     else:

@@ -10,7 +10,7 @@ import pytest
 
 from experiments.report import build_report, load_tables
 from tests.checkpoint_factory import HEAD_OVERRIDES, make_module, save_published, save_zero_converted
-from tests.conftest import TINY_FINETUNE, run_train
+from tests.conftest import TINY_FINETUNE, overridden, run_train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -18,21 +18,18 @@ MAIN_METRIC = {"pose": "val/AP", "seg": "val/mIoU", "depth": "val/rmse", "normal
 
 
 def validate(task: str, ckpt: Path, data_root: Path, out: Path, *extra: str, check: bool = True):
-    return run_train(
-        [
-            f"experiment={task}_demo",
-            *TINY_FINETUNE,
-            *HEAD_OVERRIDES[task],
-            "task.task_head.sigma=1.5" if task == "pose" else "seed=0",
-            f"data.root={data_root}",
-            f"paths.output_dir={out}",
-            "run_name=val",
-            "mode=validate",
-            f"task.init_from={ckpt}",
-            *extra,
-        ],
-        check=check,
-    )
+    base = [
+        f"experiment={task}_demo",
+        *TINY_FINETUNE,
+        *HEAD_OVERRIDES[task],
+        "task.task_head.sigma=1.5" if task == "pose" else "seed=0",
+        f"data.root={data_root}",
+        f"paths.output_dir={out}",
+        "run_name=val",
+        "mode=validate",
+        f"task.init_from={ckpt}",
+    ]
+    return run_train(overridden(base, *extra), check=check)  # a key given twice is refused
 
 
 def logged(run_dir: Path, column: str) -> list[float]:
@@ -70,7 +67,7 @@ def test_validating_our_checkpoint_reproduces_the_runs_own_validation(synth_root
         f"data.root={synth_root}",
         f"paths.output_dir={out}",
     ]
-    run_train([*common, "run_name=train", "trainer.max_steps=2", "data.epoch_length=2"])
+    run_train(overridden(common, "run_name=train", "trainer.max_steps=2", "data.epoch_length=2"))
     trained = logged(out / "seg" / "train", "val/mIoU")[-1]
     run_train(
         [
