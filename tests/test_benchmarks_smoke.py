@@ -120,8 +120,9 @@ def test_keypoint_eval() -> None:
     rows = {r[0]: r for r in markdown_rows(out)}
     assert rows["goliath308"][1] == "308" and rows["coco17"][1] == "17"
     for row in rows.values():
-        assert float(row[5]) > 0  # compute seconds
-        assert 0 < float(row[7]) <= 1  # AP of noisy predictions: real work, not degenerate
+        assert float(row[5]) > 0 and float(row[7]) > 0  # KeypointAP compute and COCOeval seconds
+        assert float(row[10]) <= 1e-6  # the same ten stats as COCOeval
+        assert 0 < float(row[12]) <= 1  # AP of noisy predictions: real work, not degenerate
 
 
 def test_peak_memory() -> None:

@@ -1,12 +1,13 @@
-"""KeypointAP: hand-computed OKS cases, perfect predictions, DDP-style gather, results JSON."""
+"""KeypointAP: hand-computed OKS cases, perfect predictions, DDP-style gather, results JSON, and the
+vectorised evaluation against pycocotools' COCOeval on randomised cases."""
 
 import json
 
 import numpy as np
 import pytest
 
-from sapiens.labels import load_keypoint_set
-from sapiens.metrics.keypoint_ap import KeypointAP, oks_nms
+from sapiens.labels import KeypointSet, load_keypoint_set
+from sapiens.metrics.keypoint_ap import KeypointAP, batched_oks_nms, oks_nms
 
 THRESHOLDS = np.linspace(0.5, 0.95, 10)
 
@@ -82,14 +83,17 @@ def test_gather_across_fake_ranks_equals_single_process():
     # a padded sampler repeats an item on the other rank: it must not count twice
     rank1.add_ground_truth(_gt_sample(5, rank0.ground_truth[5]["persons"]))
     rank1.predictions.append(dict(rank0.predictions[-1]))
-    states = [{"gt": dict(m.ground_truth), "pred": list(m.predictions)} for m in (rank0, rank1)]
+    states = []
+    for m in (rank0, rank1):  # what each rank hands to all_gather_object
+        m.gather(lambda obj: states.append(obj) or [obj])
+    assert [len(s["pred"]["image_ids"]) for s in states] == [3, 4]
 
     def fake_all_gather(obj):
-        assert obj["pred"] == states[0]["pred"]  # called with this rank's own state
+        assert np.array_equal(obj["pred"]["keypoints"], states[0]["pred"]["keypoints"])  # own state
         return states
 
     rank0.gather(fake_all_gather)
-    assert len(rank0.predictions) == 6 and len(rank0.ground_truth) == 6
+    assert rank0.num_predictions == 6 and len(rank0.ground_truth) == 6
     expected = single.compute()
     assert 0.0 < expected["AP"] < 1.0
     assert rank0.compute() == pytest.approx(expected)
@@ -108,9 +112,9 @@ def test_rescoring_and_nms():
     metric = KeypointAP(kset)
     metric.add_ground_truth(_gt_sample(7, [gt]))
     metric.add_predictions([7, 7], np.stack([kpts, dup]), [0.5, 0.6], [3e4, 3e4])
-    scored = metric.scored_results()
-    assert len(scored) == 1  # the near-duplicate is suppressed
-    assert scored[0]["score"] == pytest.approx(0.6 * 0.9)  # box score x mean of scores > 0.2
+    scored = metric.scored_predictions()
+    assert len(scored.scores) == 1  # the near-duplicate is suppressed
+    assert scored.scores[0] == pytest.approx(0.6 * 0.9)  # box score x mean of scores > 0.2
 
 
 def test_errors_and_empty_predictions():
@@ -125,3 +129,82 @@ def test_errors_and_empty_predictions():
         assert metric.compute()["AP"] == 0.0
     with pytest.raises(ValueError, match="part_groups"):
         KeypointAP(kset, part_groups=["face"])
+
+
+# ---------------------------------------------------------------------- randomised cases vs COCOeval
+def _random_case(rng: np.random.Generator):
+    """A small random dataset exercising COCOeval's corner cases: small / medium / large people,
+    crowd GT, GT without labelled keypoints, duplicated GT and predictions (OKS and score ties),
+    perfect predictions (OKS 1), images without predictions or without people, > 20 predictions
+    on an image, and score ties from a few discrete box and keypoint scores."""
+    k = int(rng.integers(3, 18))
+    sigmas = rng.uniform(0.02, 0.1, k)
+    samples, ids, kpts, scores, areas = [], [], [], [], []
+    for image in range(int(rng.integers(5, 30))):
+        image_id = image * 7 + 3
+        persons = []
+        for _ in range(int(rng.integers(0, 6))):
+            w, h = rng.choice([20.0, 50.0, 80.0, 150.0, 300.0]) * rng.uniform(0.5, 1.5, 2)
+            x, y = rng.uniform(0, 400, 2)
+            gt = np.zeros((k, 3))
+            gt[:, 0], gt[:, 1] = rng.uniform(x, x + w, k), rng.uniform(y, y + h, k)
+            labelled = rng.random(k) < rng.choice([0.0, 0.5, 0.9, 1.0], p=[0.15, 0.25, 0.3, 0.3])
+            gt[:, 2] = np.where(labelled, 2, 0)
+            gt[~labelled, :2] = 0
+            area = float(w * h * rng.uniform(0.4, 1.0))
+            crowd = int(rng.random() < 0.1)
+            persons.append({"bbox": [x, y, w, h], "area": area, "keypoints": gt, "iscrowd": crowd})
+        if persons and rng.random() < 0.15:
+            persons.append(dict(persons[0]))
+        samples.append({"image_id": image_id, "width": 640, "height": 480, "persons": persons})
+        for _ in range(int(rng.choice([0, 1, 3, 8, 25], p=[0.15, 0.3, 0.3, 0.15, 0.1]))):
+            if persons and rng.random() < 0.7:
+                p = persons[int(rng.integers(len(persons)))]
+                noise = rng.normal(0, 1, (k, 2)) * rng.uniform(0.0, 0.1) * np.sqrt(p["area"])
+                xy = p["keypoints"][:, :2] + (0 if rng.random() < 0.1 else noise)
+            else:
+                xy = rng.uniform(0, 500, (k, 2))
+            copies = 2 if rng.random() < 0.1 else 1
+            pose = np.concatenate([xy, rng.choice([0.1, 0.3, 0.6, 0.9], k)[:, None]], 1)
+            score, area = float(rng.choice([0.5, 0.7, 0.9, 1.0])), float(rng.uniform(500, 5e4))
+            for _ in range(copies):
+                ids.append(image_id), kpts.append(pose), scores.append(score), areas.append(area)
+    preds = (np.asarray(ids), np.asarray(kpts).reshape(-1, k, 3), np.asarray(scores), np.asarray(areas))
+    return sigmas, samples, preds
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_batched_oks_nms_equals_per_image_nms(seed):
+    rng = np.random.default_rng(100 + seed)
+    sigmas, _, (ids, kpts, scores, areas) = _random_case(rng)
+    thr = float(rng.choice([0.3, 0.5, 0.9]))
+    keep = batched_oks_nms(ids, kpts, scores, areas, sigmas, thr)
+    expected = np.zeros(len(ids), dtype=bool)
+    for image_id in np.unique(ids):
+        idx = np.flatnonzero(ids == image_id)
+        expected[idx[oks_nms(kpts[idx], scores[idx], areas[idx], sigmas, thr)]] = True
+    assert 0 < keep.sum() <= len(ids)
+    np.testing.assert_array_equal(keep, expected)
+
+
+@pytest.mark.parametrize("seed", range(12))
+@pytest.mark.parametrize(
+    ("score_mode", "nms_thr"), [("bbox", None), ("bbox_keypoint", None), ("bbox_keypoint", 0.9)]
+)
+def test_vectorised_evaluation_equals_cocoeval(seed, score_mode, nms_thr):
+    """Every stat of the NumPy backend equals pycocotools' COCOeval on the same inputs."""
+    sigmas, samples, preds = _random_case(np.random.default_rng(seed))
+    groups = {"first": list(range(0, len(sigmas), 2))}
+    k = len(sigmas)
+    kset = KeypointSet("random", [f"k{i}" for i in range(k)], np.arange(k), [], sigmas, None, None, groups)
+    results = {}
+    for backend in ("numpy", "pycocotools"):
+        metric = KeypointAP(kset, score_mode, nms_thr=nms_thr, part_groups=["first"], backend=backend)
+        for sample in samples:
+            metric.add_ground_truth(sample)
+        metric.add_predictions(*preds)
+        results[backend] = metric.compute()
+    assert results["numpy"].keys() == results["pycocotools"].keys()
+    for name, expected in results["pycocotools"].items():
+        assert results["numpy"][name] == pytest.approx(expected, abs=1e-6), name
+    assert any(v not in (-1.0, 0.0, 1.0) for v in results["numpy"].values())  # a non-trivial case

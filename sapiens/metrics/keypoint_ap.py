@@ -1,7 +1,8 @@
-"""COCO keypoint AP (OKS) for any keypoint set, through pycocotools ``COCOeval``.
+"""COCO keypoint AP (OKS) for any keypoint set: pycocotools' ``COCOeval`` numbers, computed on arrays.
 
-State is kept in plain Python lists/dicts so that it can be moved between DDP ranks with
-``torch.distributed.all_gather_object``. Usage in a LightningModule::
+State is kept as NumPy arrays (one chunk per ``add_predictions`` call, one small dict per GT image), so
+that it moves between DDP ranks with ``torch.distributed.all_gather_object`` at pickle speed. Usage in a
+LightningModule::
 
     metric = KeypointAP(load_keypoint_set("coco17"))
     # validation_step: metric.add_ground_truth(sample) once per image (duplicates are ignored)
@@ -13,13 +14,12 @@ State is kept in plain Python lists/dicts so that it can be moved between DDP ra
 
 Prediction scoring follows the published top-down evaluation: the instance score is the box score
 times the mean of the keypoint scores above ``keypoint_score_thr`` ("bbox_keypoint"), then OKS-NMS
-with threshold ``nms_thr`` per image.
+with threshold ``nms_thr`` per image. The evaluation itself is :func:`sapiens.metrics.oks_eval.
+evaluate_keypoints` (vectorised COCOeval, identical numbers; ``backend="pycocotools"`` runs COCOeval).
 """
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import warnings
 from collections.abc import Callable, Sequence
@@ -29,10 +29,20 @@ from typing import Any
 import numpy as np
 
 from sapiens.labels import KeypointSet
+from sapiens.metrics.oks_eval import (
+    KeypointDetections,
+    KeypointGroundTruth,
+    evaluate_keypoints,
+    evaluate_keypoints_pycocotools,
+    planar,
+    take_rows,
+)
 
-__all__ = ["STAT_NAMES", "KeypointAP", "oks_nms", "torch_all_gather_object"]
+__all__ = ["STAT_NAMES", "KeypointAP", "batched_oks_nms", "oks_nms", "torch_all_gather_object"]
 
 STAT_NAMES = ("AP", "AP50", "AP75", "APm", "APl", "AR", "AR50", "AR75", "ARm", "ARl")
+BACKENDS = {"numpy": evaluate_keypoints, "pycocotools": evaluate_keypoints_pycocotools}
+_PRED_KEYS = ("image_ids", "keypoints", "bbox_scores", "areas")
 
 
 def torch_all_gather_object(obj: Any) -> list[Any]:
@@ -47,13 +57,26 @@ def torch_all_gather_object(obj: Any) -> list[Any]:
 
 
 def _oks_one_to_many(
-    ref: np.ndarray, others: np.ndarray, ref_area: float, areas: np.ndarray, sigmas: np.ndarray
+    ref: np.ndarray, others: np.ndarray, ref_area: float | np.ndarray, areas: np.ndarray, sigmas: np.ndarray
 ) -> np.ndarray:
-    """OKS between one (K, 3) pose and (M, K, 3) poses, using the mean of the two areas."""
-    var = (2 * sigmas) ** 2
-    d2 = ((others[..., :2] - ref[None, :, :2]) ** 2).sum(-1)
-    e = d2 / var[None] / ((ref_area + areas[:, None]) / 2 + np.spacing(1)) / 2
-    return np.exp(-e).mean(-1)
+    """OKS between (K, 3) pose ``ref`` and (M, K, 3) ``others`` (or row-wise pairs when ``ref`` is
+    (M, K, 3) too), using the mean of the two areas; every keypoint counts."""
+    dx = others[..., 0] - ref[..., 0]
+    dy = others[..., 1] - ref[..., 1]
+    return _pair_oks(dx, dy, np.asarray(ref_area) + areas, sigmas)
+
+
+def _pair_oks(dx: np.ndarray, dy: np.ndarray, area_sum: np.ndarray, sigmas: np.ndarray) -> np.ndarray:
+    """OKS-NMS similarity of M pose pairs from their offsets dx, dy (M, K) (overwritten) and the sums of
+    their two areas (M,): mean_k exp(-(dx^2 + dy^2) / (2 sigma_k)^2 / (mean area + eps) / 2)."""
+    np.multiply(dx, dx, out=dx)
+    np.multiply(dy, dy, out=dy)
+    dx += dy
+    dx /= (2 * sigmas) ** 2
+    dx /= (area_sum / 2 + np.spacing(1))[:, None]
+    dx /= 2
+    np.negative(dx, out=dx)
+    return np.exp(dx, out=dx).mean(-1)
 
 
 def oks_nms(
@@ -81,8 +104,52 @@ def oks_nms(
     return keep
 
 
+def batched_oks_nms(
+    image_ids: np.ndarray,
+    keypoints: np.ndarray,
+    scores: np.ndarray,
+    areas: np.ndarray,
+    sigmas: np.ndarray,
+    thr: float,
+) -> np.ndarray:
+    """:func:`oks_nms` in every image at once: (N,) bool, True for the poses kept.
+
+    Args:
+        image_ids: (N,) image of each pose; keypoints (N, K, 3); scores, areas: (N,); sigmas: (K,).
+
+    One pass per score rank (the most poses of one image), each over all images' pairs at that rank.
+    """
+    n = image_ids.shape[0]
+    order = np.lexsort((np.arange(n), -scores, image_ids))  # per image, by score, stable
+    owner = image_ids[order]
+    first = np.searchsorted(owner, owner, side="left")
+    rank = np.arange(n) - first
+    later = np.searchsorted(owner, owner, side="right") - first - rank - 1  # same image, lower score
+    # every pair (a, b) of sorted positions in one image with a before b, grouped by the rank of a
+    pair_a = np.repeat(np.arange(n), later)
+    pair_b = pair_a + 1 + np.arange(pair_a.shape[0]) - np.repeat(np.cumsum(later) - later, later)
+    by_rank = np.argsort(rank[pair_a], kind="stable")
+    pair_a, pair_b = pair_a[by_rank], pair_b[by_rank]
+    ia, ib = order[pair_a], order[pair_b]
+    over = np.empty(pair_a.shape[0], dtype=bool)
+    x, y = (np.ascontiguousarray(keypoints[..., i]) for i in range(2))
+    step = max(1, (1 << 18) // max(keypoints.shape[1], 1))
+    for s in range(0, ia.shape[0], step):
+        a, b = ia[s : s + step], ib[s : s + step]
+        over[s : s + step] = _pair_oks(x[b] - x[a], y[b] - y[a], areas[a] + areas[b], sigmas) > thr
+    suppressed = np.zeros(n, dtype=bool)
+    bounds = np.searchsorted(rank[pair_a], np.arange(int(rank.max(initial=-1)) + 2))
+    for r in range(bounds.shape[0] - 1):
+        lo, hi = bounds[r], bounds[r + 1]
+        hit = over[lo:hi] & ~suppressed[pair_a[lo:hi]]
+        suppressed[pair_b[lo:hi][hit]] = True
+    keep = np.zeros(n, dtype=bool)
+    keep[order[~suppressed]] = True
+    return keep
+
+
 class KeypointAP:
-    """Accumulate GT and predictions over a dataset; compute OKS AP/AR with COCOeval.
+    """Accumulate GT and predictions over a dataset; compute OKS AP/AR as COCOeval does.
 
     Args:
         keypoint_set: the label space (its ``sigmas`` and ``groups`` are used) or a sigma list.
@@ -93,7 +160,9 @@ class KeypointAP:
         part_groups: names of ``keypoint_set.groups`` to also evaluate separately (e.g.
             ``["body", "foot", "face", "left_hand", "right_hand"]`` for COCO-WholeBody); results
             are reported as ``"AP/<group>"`` and ``"AR/<group>"``.
-        verbose: let COCOeval print its summary tables.
+        verbose: print a summary table of the stats.
+        backend: ``"numpy"`` (vectorised, :mod:`sapiens.metrics.oks_eval`) or ``"pycocotools"``
+            (COCOeval itself, several times slower; the same numbers).
     """
 
     def __init__(
@@ -104,6 +173,7 @@ class KeypointAP:
         nms_thr: float | None = 0.9,
         part_groups: Sequence[str] = (),
         verbose: bool = False,
+        backend: str = "numpy",
     ) -> None:
         if isinstance(keypoint_set, KeypointSet):
             self.sigmas = np.asarray(keypoint_set.sigmas, dtype=np.float64)
@@ -113,6 +183,8 @@ class KeypointAP:
             groups = {}
         if score_mode not in ("bbox_keypoint", "bbox", "keypoint"):
             raise ValueError(f"score_mode must be bbox_keypoint, bbox or keypoint, got {score_mode}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {sorted(BACKENDS)}, got {backend!r}")
         missing = [g for g in part_groups if g not in groups]
         if missing:
             raise ValueError(f"part_groups {missing} are not groups of the keypoint set")
@@ -121,6 +193,7 @@ class KeypointAP:
         self.keypoint_score_thr = keypoint_score_thr
         self.nms_thr = nms_thr
         self.verbose = verbose
+        self.backend = backend
         self.reset()
 
     @property
@@ -130,7 +203,9 @@ class KeypointAP:
     def reset(self) -> None:
         """Forget all accumulated GT and predictions."""
         self.ground_truth: dict[int, dict[str, Any]] = {}
-        self.predictions: list[dict[str, Any]] = []
+        # one dict of arrays (image_ids, keypoints, bbox_scores, areas) per add_predictions call
+        self.predictions: list[dict[str, np.ndarray]] = []
+        self._gt_arrays: KeypointGroundTruth | None = None
 
     # ------------------------------------------------------------------ accumulation
     def add_ground_truth(self, sample: dict[str, Any]) -> None:
@@ -153,10 +228,10 @@ class KeypointAP:
                 )
             persons.append(
                 {
-                    "bbox": [float(v) for v in np.asarray(p["bbox"]).reshape(4)],
+                    "bbox": np.asarray(p["bbox"], dtype=np.float64).reshape(4),
                     "area": float(p["area"]),
                     "iscrowd": int(p.get("iscrowd", 0)),
-                    "keypoints": kpts.tolist(),
+                    "keypoints": kpts,
                 }
             )
         self.ground_truth[image_id] = {
@@ -164,6 +239,7 @@ class KeypointAP:
             "height": int(sample.get("height", 0)),
             "persons": persons,
         }
+        self._gt_arrays = None
 
     def add_predictions(
         self,
@@ -171,7 +247,6 @@ class KeypointAP:
         keypoints: np.ndarray,
         bbox_scores: Sequence[float] | np.ndarray,
         areas: Sequence[float] | np.ndarray,
-        boxes: np.ndarray | None = None,
     ) -> None:
         """Register N predicted poses.
 
@@ -180,26 +255,28 @@ class KeypointAP:
             keypoints: float (N, K, 3) image-pixel (x, y, score).
             bbox_scores: (N,) detection score of the box each pose was cropped from (1 for GT).
             areas: (N,) instance area used by OKS-NMS (crop ``scale`` w*h).
-            boxes: optional (N, 4) [x, y, w, h] person boxes, kept as ``bbox`` in the results.
         """
-        kpts = np.asarray(keypoints, dtype=np.float64)
-        ids = np.asarray(image_ids).reshape(-1)
+        kpts = planar(np.array(keypoints, dtype=np.float64))  # a copy: callers may reuse their buffers
+        ids = np.asarray(image_ids, dtype=np.int64).reshape(-1)
         if kpts.ndim != 3 or kpts.shape[1:] != (self.num_keypoints, 3):
             raise ValueError(f"keypoints must be (N, {self.num_keypoints}, 3), got shape {kpts.shape}")
         scores = np.asarray(bbox_scores, dtype=np.float64).reshape(-1)
         area = np.asarray(areas, dtype=np.float64).reshape(-1)
         if not len(ids) == len(scores) == len(area) == kpts.shape[0]:
             raise ValueError("image_ids, keypoints, bbox_scores and areas must have the same N")
-        for i in range(kpts.shape[0]):
-            pred = {
-                "image_id": int(ids[i]),
-                "keypoints": kpts[i].tolist(),
-                "bbox_score": float(scores[i]),
-                "area": float(area[i]),
-            }
-            if boxes is not None:
-                pred["bbox"] = [float(v) for v in np.asarray(boxes[i]).reshape(4)]
-            self.predictions.append(pred)
+        self.predictions.append(dict(zip(_PRED_KEYS, (ids, kpts, scores, area), strict=True)))
+
+    @property
+    def num_predictions(self) -> int:
+        return sum(len(chunk["image_ids"]) for chunk in self.predictions)
+
+    def _stacked_predictions(self) -> dict[str, np.ndarray]:
+        if len(self.predictions) == 1:
+            return self.predictions[0]
+        if not self.predictions:
+            empty = (np.zeros(0, np.int64), np.zeros((0, self.num_keypoints, 3)), np.zeros(0), np.zeros(0))
+            return dict(zip(_PRED_KEYS, empty, strict=True))
+        return {key: _concatenate([c[key] for c in self.predictions]) for key in _PRED_KEYS}
 
     def gather(self, all_gather_object: Callable[[Any], list[Any]]) -> None:
         """Merge the state of every rank into this one (call on all ranks).
@@ -209,108 +286,70 @@ class KeypointAP:
                 :func:`torch_all_gather_object` or ``lambda o: [o]`` on a single process.
                 Exact duplicate predictions (from padded distributed samplers) are dropped.
         """
-        states = all_gather_object({"gt": self.ground_truth, "pred": self.predictions})
+        states = all_gather_object({"gt": self.ground_truth, "pred": self._stacked_predictions()})
         self.reset()
-        seen = set()
         for state in states:
             for image_id, gt in state["gt"].items():
                 self.ground_truth.setdefault(int(image_id), gt)
-            for pred in state["pred"]:
-                key = (pred["image_id"], pred["bbox_score"], json.dumps(pred["keypoints"]))
-                if key not in seen:
-                    seen.add(key)
-                    self.predictions.append(pred)
+        preds = {key: _concatenate([s["pred"][key] for s in states]) for key in _PRED_KEYS}
+        n = preds["image_ids"].shape[0]
+        if n:  # the first copy of each (image, box score, keypoints) row, in gathered order
+            ids = preds["image_ids"][:, None].view(np.float64)  # compared as bytes below
+            rows = np.concatenate([ids, preds["bbox_scores"][:, None], preds["keypoints"].reshape(n, -1)], 1)
+            rows = np.ascontiguousarray(rows).view(np.dtype((np.void, rows.dtype.itemsize * rows.shape[1])))
+            _, first = np.unique(rows.ravel(), return_index=True)
+            preds = _take(preds, np.sort(first))
+        self.predictions = [preds]
 
     # ------------------------------------------------------------------ evaluation
-    def scored_results(self, with_ground_truth_only: bool = True) -> list[dict[str, Any]]:
-        """The predictions rescored (``score_mode``) and OKS-NMS filtered per image, as COCO keypoint
-        results ``{"image_id", "category_id", "keypoints" [x, y, s] * K, "score"[, "bbox"]}``; those on
-        images without registered GT are dropped unless ``with_ground_truth_only`` is False."""
-        by_image: dict[int, list[dict]] = {}
-        dropped = 0
-        for pred in self.predictions:
-            if with_ground_truth_only and pred["image_id"] not in self.ground_truth:
-                dropped += 1
-                continue
-            by_image.setdefault(pred["image_id"], []).append(pred)
-        if dropped:
+    def ground_truth_arrays(self) -> KeypointGroundTruth:
+        """Every registered GT person stacked (cached until the GT changes)."""
+        if self._gt_arrays is None:
+            ids, kpts, boxes, areas, crowd = [], [], [], [], []
+            for image_id, gt in sorted(self.ground_truth.items()):
+                for p in gt["persons"]:
+                    ids.append(image_id)
+                    kpts.append(p["keypoints"])
+                    boxes.append(p["bbox"])
+                    areas.append(p["area"])
+                    crowd.append(p["iscrowd"])
+            k = self.num_keypoints
+            self._gt_arrays = KeypointGroundTruth(
+                image_ids=np.asarray(ids, dtype=np.int64),
+                keypoints=np.stack([p.T for p in kpts], 1).transpose(1, 2, 0)
+                if kpts
+                else np.zeros((0, k, 3)),
+                bboxes=np.asarray(boxes, dtype=np.float64).reshape(-1, 4),
+                areas=np.asarray(areas, dtype=np.float64),
+                iscrowd=np.asarray(crowd, dtype=bool),
+                images=np.asarray(sorted(self.ground_truth), dtype=np.int64),
+            )
+        return self._gt_arrays
+
+    def scored_predictions(self) -> KeypointDetections:
+        """Rescored and OKS-NMS-filtered predictions on images with GT, in registration order."""
+        preds = self._stacked_predictions()
+        known = np.isin(preds["image_ids"], np.fromiter(self.ground_truth, np.int64))
+        if not known.all():
             warnings.warn(
-                f"KeypointAP: {dropped} predictions on images without registered GT were ignored",
+                f"KeypointAP: {int((~known).sum())} predictions on images without registered GT were ignored",
                 stacklevel=3,
             )
-        results = []
-        for image_id, preds in by_image.items():
-            kpts = np.asarray([p["keypoints"] for p in preds], dtype=np.float64)
-            kscores = kpts[..., 2]
-            bbox = np.asarray([p["bbox_score"] for p in preds])
-            if self.score_mode == "bbox":
-                scores = bbox
-            elif self.score_mode == "keypoint":
-                scores = kscores.mean(-1)
-            else:
-                mask = kscores > self.keypoint_score_thr
-                mean = (kscores * mask).sum(-1) / np.maximum(mask.sum(-1), 1)
-                scores = bbox * mean
-            keep = range(len(preds))
-            if self.nms_thr is not None:
-                areas = np.asarray([p["area"] for p in preds])
-                keep = oks_nms(kpts, scores, areas, self.sigmas, self.nms_thr)
-            for i in keep:
-                result = {
-                    "image_id": image_id,
-                    "category_id": 1,
-                    "keypoints": kpts[i].reshape(-1).tolist(),
-                    "score": float(scores[i]),
-                }
-                if "bbox" in preds[i]:
-                    result["bbox"] = preds[i]["bbox"]
-                results.append(result)
-        return results
-
-    def _gt_dict(self, index: np.ndarray) -> dict[str, Any]:
-        """COCO GT dict restricted to keypoint ``index`` (num_keypoints counted on it)."""
-        images, annotations = [], []
-        for image_id, gt in sorted(self.ground_truth.items()):
-            images.append({"id": image_id, "width": gt["width"], "height": gt["height"]})
-            for p in gt["persons"]:
-                kpts = np.asarray(p["keypoints"], dtype=np.float64).reshape(-1, 3)[index]
-                annotations.append(
-                    {
-                        "id": len(annotations) + 1,
-                        "image_id": image_id,
-                        "category_id": 1,
-                        "bbox": p["bbox"],
-                        "area": p["area"],
-                        "iscrowd": p["iscrowd"],
-                        "keypoints": kpts.reshape(-1).tolist(),
-                        "num_keypoints": int((kpts[:, 2] > 0).sum()),
-                    }
-                )
-        categories = [{"id": 1, "name": "person", "supercategory": "person"}]
-        return {"images": images, "annotations": annotations, "categories": categories}
-
-    def _evaluate(self, results: list[dict], index: np.ndarray) -> np.ndarray:
-        from pycocotools.coco import COCO
-        from pycocotools.cocoeval import COCOeval
-
-        sub = []
-        for r in results:
-            k = np.asarray(r["keypoints"]).reshape(-1, 3)[index]
-            sub.append({**r, "keypoints": k.reshape(-1).tolist()})
-        out = io.StringIO()
-        with contextlib.redirect_stdout(out):  # pycocotools prints unconditionally
-            gt = COCO()
-            gt.dataset = self._gt_dict(index)
-            gt.createIndex()
-            dt = gt.loadRes(sub)
-            ev = COCOeval(gt, dt, iouType="keypoints")
-            ev.params.kpt_oks_sigmas = self.sigmas[index]
-            ev.evaluate()
-            ev.accumulate()
-            ev.summarize()
-        if self.verbose:
-            print(out.getvalue())
-        return np.asarray(ev.stats, dtype=np.float64)
+            preds = _take(preds, known)
+        kpts, bbox = preds["keypoints"], preds["bbox_scores"]
+        kscores = kpts[..., 2]
+        if self.score_mode == "bbox":
+            scores = bbox
+        elif self.score_mode == "keypoint":
+            scores = kscores.mean(-1)
+        else:
+            mask = kscores > self.keypoint_score_thr
+            scores = bbox * ((kscores * mask).sum(-1) / np.maximum(mask.sum(-1), 1))
+        ids = preds["image_ids"]
+        if self.nms_thr is not None:
+            keep = batched_oks_nms(ids, kpts, scores, preds["areas"], self.sigmas, self.nms_thr)
+            ids, kpts, scores = ids[keep], take_rows(kpts, keep), scores[keep]
+        return KeypointDetections(ids, kpts, scores)
 
     def compute(self, results_path: str | Path | None = None) -> dict[str, float]:
         """Evaluate everything accumulated so far.
@@ -326,19 +365,44 @@ class KeypointAP:
         """
         if not self.ground_truth:
             raise ValueError("KeypointAP.compute: no ground truth registered (add_ground_truth)")
-        results = self.scored_results()
+        dets = self.scored_predictions()
         if results_path is not None:
-            Path(results_path).parent.mkdir(parents=True, exist_ok=True)
-            Path(results_path).write_text(json.dumps(results))
-        if not results:
+            write_results(dets, results_path)
+        if not dets.image_ids.size:
             warnings.warn("KeypointAP: no predictions to evaluate; reporting 0", stacklevel=2)
             metrics = dict.fromkeys(STAT_NAMES, 0.0)
             metrics.update({f"{m}/{g}": 0.0 for g in self.part_groups for m in ("AP", "AR")})
             return metrics
-        stats = self._evaluate(results, np.arange(self.num_keypoints))
+        gt, evaluate = self.ground_truth_arrays(), BACKENDS[self.backend]
+        stats = evaluate(gt, dets, self.sigmas)
         metrics = {name: float(v) for name, v in zip(STAT_NAMES, stats, strict=True)}
+        if self.verbose:
+            print("  ".join(f"{name} {value:.4f}" for name, value in metrics.items()))
         for group, index in self.part_groups.items():
-            part = self._evaluate(results, index)
+            part = evaluate(gt.select_keypoints(index), dets.select_keypoints(index), self.sigmas[index])
             metrics[f"AP/{group}"] = float(part[0])
             metrics[f"AR/{group}"] = float(part[5])
         return metrics
+
+
+def _concatenate(arrays: list[np.ndarray]) -> np.ndarray:
+    """Concatenate along the first axis; (N, K, 3) keypoints stay planar."""
+    if arrays[0].ndim == 3:
+        return np.concatenate([a.transpose(2, 0, 1) for a in arrays], axis=1).transpose(1, 2, 0)
+    return np.concatenate(arrays)
+
+
+def _take(preds: dict[str, np.ndarray], index: np.ndarray) -> dict[str, np.ndarray]:
+    """Rows ``index`` (int or bool) of every prediction array; keypoints stay planar."""
+    return {key: take_rows(v, index) if v.ndim == 3 else v[index] for key, v in preds.items()}
+
+
+def write_results(dets: KeypointDetections, path: str | Path) -> None:
+    """COCO keypoint results JSON (``image_id``, ``category_id``, flat ``keypoints``, ``score``)."""
+    flat = dets.keypoints.reshape(dets.keypoints.shape[0], -1).tolist()
+    results = [
+        {"image_id": int(i), "category_id": 1, "keypoints": k, "score": float(s)}
+        for i, k, s in zip(dets.image_ids, flat, dets.scores, strict=True)
+    ]
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(results))
