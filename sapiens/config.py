@@ -21,6 +21,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
 from sapiens.models.factory import FAMILIES, backbone_family
+from sapiens.models.regional_compile import compile_options
 
 READERS = ("pretrain", "pose", "seg", "depth", "normal")
 # Keys of the task config that are not arguments of the LightningModule.
@@ -164,6 +165,13 @@ def _validate(cfg: DictConfig) -> None:
         _fail("cpu_threads", f"expected auto, null or a positive integer, got {threads!r}")
     if resolved.get("mode", "fit") not in ("fit", "validate"):
         _fail("mode", f"expected fit or validate, got {resolved.get('mode')!r}")
+    try:
+        compile_options(resolved.get("compile"))
+    except ValueError as err:
+        _fail("compile", str(err).removeprefix("compile: "))
+    precision = resolved.get("float32_matmul_precision", "high")
+    if precision not in ("highest", "high", "medium"):
+        _fail("float32_matmul_precision", f"expected highest, high or medium, got {precision!r}")
     if not isinstance(resolved.get("seed"), int):
         _fail("seed", f"expected an integer, got {resolved.get('seed')!r}")
 

@@ -20,9 +20,11 @@ from lightning.pytorch.callbacks import ProgressBar
 from omegaconf import DictConfig, OmegaConf
 
 from sapiens.callbacks.atomic_checkpoint_io import AtomicCheckpointIO
+from sapiens.callbacks.compile_time import CompileTimeLogger
 from sapiens.config import TASK_ONLY_KEYS
 from sapiens.console import quiet_third_party_noise
 from sapiens.data.datamodule import ShardDataModule
+from sapiens.models.regional_compile import compile_options, compile_regions
 from sapiens.preflight import preflight
 from sapiens.resume import drop_hpc_checkpoints, resolve_ckpt_path
 
@@ -76,9 +78,35 @@ def build_module(cfg: DictConfig) -> L.LightningModule:
 
 
 def build_callbacks(cfg: DictConfig) -> list[L.Callback]:
-    """Callbacks of ``cfg.callbacks`` plus the task's own (``cfg.task.callbacks``); null entries drop one."""
+    """Callbacks of ``cfg.callbacks`` plus the task's own (``cfg.task.callbacks``); null entries drop one.
+    With ``compile`` on, the first steps' times are logged too."""
     specs = {**(cfg.get("callbacks") or {}), **(cfg.task.get("callbacks") or {})}
-    return [instantiate(spec) for spec in specs.values() if spec is not None]
+    callbacks = [instantiate(spec) for spec in specs.values() if spec is not None]
+    if cfg.get("compile") not in (None, False):
+        callbacks.append(CompileTimeLogger())
+    return callbacks
+
+
+def compile_module(cfg: DictConfig, module: L.LightningModule) -> None:
+    """``compile``: torch.compile the module region by region, in place (state_dict keys unchanged)."""
+    spec = cfg.get("compile")
+    if OmegaConf.is_config(spec):
+        spec = OmegaConf.to_container(spec, resolve=True)
+    options = compile_options(spec)
+    if options is not None:
+        compile_regions(module, **options)
+
+
+def set_matmul_precision(cfg: DictConfig) -> None:
+    """``float32_matmul_precision`` on CUDA runs: ``high`` lets fp32 matmuls and convs use TF32."""
+    if cfg.trainer.get("accelerator") == "cpu" or not torch.cuda.is_available():
+        return
+    precision = cfg.get("float32_matmul_precision", "high")
+    torch.set_float32_matmul_precision(precision)
+    torch.backends.cudnn.allow_tf32 = precision != "highest"
+    log.info(
+        "fp32 matmul precision on CUDA: %s (TF32 %s)", precision, "off" if precision == "highest" else "on"
+    )
 
 
 def build_trainer(cfg: DictConfig) -> L.Trainer:
@@ -120,10 +148,14 @@ def set_cpu_threads(cfg: DictConfig) -> None:
 def setup_run(cfg: DictConfig) -> tuple[Path, ShardDataModule, L.LightningModule]:
     """What fitting and ``mode=validate`` start with: CPU threads, seed, the run directory, data, module."""
     set_cpu_threads(cfg)
+    set_matmul_precision(cfg)
     L.seed_everything(cfg.seed, workers=True)
     run_dir = Path(cfg.paths.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir, build_datamodule(cfg), build_module(cfg)
+    datamodule = build_datamodule(cfg)
+    module = build_module(cfg)
+    compile_module(cfg, module)  # `compile`: in place, before any strategy wraps it
+    return run_dir, datamodule, module
 
 
 def run(cfg: DictConfig) -> dict[str, float]:

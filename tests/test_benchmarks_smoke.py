@@ -165,3 +165,32 @@ def test_resume_choice() -> None:
     rows = dict((r[0], float(r[1])) for r in markdown_rows(out))
     assert set(rows) == {"choose (find_resume_checkpoint)", "full torch.load"}
     assert all(v > 0 for v in rows.values())
+
+
+def test_gpu_figures_plumbing_on_cpu(tmp_path) -> None:
+    """The GPU table script end to end on CPU (tiny model; aot_eager so that compiling takes seconds)."""
+    out = run_benchmark(
+        "gpu_figures",
+        "--smoke",
+        "--models",
+        "vit_tiny",
+        "--compile-backend",
+        "aot_eager",
+        "--profile-steps",
+        "1",
+        "--out",
+        str(tmp_path),
+        timeout=600,
+    )
+    rows = markdown_rows(out)
+    assert [(r[1], r[4]) for r in rows] == [
+        ("MAE", "off"),
+        ("MAE", "on"),
+        ("pose-308 fine-tune", "off"),
+        ("pose-308 fine-tune", "on"),
+    ]
+    for row in rows:
+        assert float(row[5]) > 0 and float(row[7]) > 0  # images/s, MFU %
+        assert (row[10] != "") == (row[4] == "on")  # compiled rows compare with the eager one
+    report = (tmp_path / "gpu_figures.md").read_text()
+    assert report.count("profile of 1 steps") == 4 and "matmul / conv" in report

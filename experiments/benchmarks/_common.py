@@ -6,6 +6,7 @@ from the repository root; both resolve ``conf/`` relative to this file, not the 
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -17,13 +18,24 @@ import yaml
 REPO_ROOT = Path(__file__).resolve().parents[2]
 MODEL_CONF_DIR = REPO_ROOT / "conf" / "model"
 
-# Published dense (no sparsity) tensor-core peaks, FLOP/s, matched by substring of
-# torch.cuda.get_device_name(). fp32 = plain CUDA-core fp32 (PyTorch keeps TF32 off for matmuls
-# by default). H100 = SXM figures; the PCIe card is lower (756 bf16), so its fraction is understated.
+# Published dense (no sparsity) tensor-core peaks, FLOP/s, matched as whole words of
+# torch.cuda.get_device_name(), first match wins. fp32 = plain CUDA-core fp32 (with
+# float32_matmul_precision=high, fp32 matmuls run as TF32, which this table does not count).
+# The H100 PCIe card is lower than the SXM one; "H100" alone is the SXM (HBM3) figure.
 GPU_PEAKS: dict[str, dict[str, float]] = {
+    "B200": {"bf16": 2250e12, "fp32": 80e12},
     "H200": {"bf16": 989e12, "fp32": 67e12},
+    "GH200": {"bf16": 989e12, "fp32": 67e12},
+    "H100 PCIe": {"bf16": 756e12, "fp32": 51e12},
     "H100": {"bf16": 989e12, "fp32": 67e12},
+    "H800": {"bf16": 989e12, "fp32": 67e12},
+    "H20": {"bf16": 148e12, "fp32": 44e12},
     "A100": {"bf16": 312e12, "fp32": 19.5e12},
+    "A800": {"bf16": 312e12, "fp32": 19.5e12},
+    "L40S": {"bf16": 362e12, "fp32": 91.6e12},
+    "L40": {"bf16": 181e12, "fp32": 90.5e12},
+    "L4": {"bf16": 121e12, "fp32": 30.3e12},
+    "A10": {"bf16": 125e12, "fp32": 31.2e12},
 }
 
 
@@ -82,7 +94,7 @@ def device_peak(device: torch.device, dtype: str) -> tuple[float | None, str]:
         return peak, f"measured fp32 torch.mm peak, best of runs, {threads} threads"
     name = torch.cuda.get_device_name(device)
     for key, peaks in GPU_PEAKS.items():
-        if key in name:
+        if re.search(rf"\b{re.escape(key)}\b", name):  # whole words: "A10" is not "A100" or "A10G"
             return peaks[dtype], f"published dense {dtype} peak of {key} ({name})"
     return None, f"unknown GPU {name!r}: no published peak on file"
 

@@ -25,12 +25,23 @@ activation checkpointing is not counted, as in the usual MFU definition), matmul
 
 ``--flop-check`` also counts one step with ``torch.utils.flop_counter.FlopCounterMode`` and prints
 the ratio (close to 1 when the formula covers the model).
+
+``--compile`` compiles the model as ``compile=true`` does in training (block by block:
+:mod:`sapiens.models.regional_compile`; ``--compile whole`` compiles the whole model instead); the
+compile time (warm-up steps) is printed. AdamW is fused, as in training (``--optimizer foreach`` for
+PyTorch's default). ``--reference`` also times a plain MAE built from PyTorch's own layers
+(``reference_mae.py``), in alternating rounds (best of ``--rounds`` each), and prints our speed
+relative to it; ``--profile N`` prints where the time of N
+steps goes (``profile_summary.py``); ``--json PATH`` writes the figures.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+import time
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -43,7 +54,10 @@ from experiments.benchmarks._common import (
     synchronize,
     time_steps,
 )
+from experiments.benchmarks.profile_summary import profile_steps
+from experiments.benchmarks.reference_mae import ReferenceMAE
 from sapiens.models.mae import MaskedAutoencoder
+from sapiens.models.regional_compile import compile_regions
 from sapiens.models.vit import VisionTransformer
 
 POSE_PATCH_PADDING = 2  # published pose backbones pad the patch conv by 2 (grid unchanged)
@@ -169,7 +183,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="bf16 = autocast (weights and AdamW stay fp32)",
     )
     parser.add_argument("--grad-checkpointing", action="store_true")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the model")
+    parser.add_argument(
+        "--compile",
+        nargs="?",
+        const="regional",
+        default="off",
+        choices=["off", "regional", "whole"],
+        help="torch.compile: regional (block by block, as compile=true in training; the default when "
+        "given without a value) or the whole model",
+    )
+    parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend (aot_eager...)")
+    parser.add_argument("--optimizer", choices=["fused", "foreach"], default="fused", help="AdamW kernel")
+    parser.add_argument("--reference", action="store_true", help="also time a plain eager reference MAE")
+    parser.add_argument("--rounds", type=int, default=3, help="--reference: alternating timing rounds")
+    parser.add_argument("--profile", type=int, default=0, metavar="N", help="profile N steps and summarise")
+    parser.add_argument("--json", default=None, help="write the figures to this JSON file")
     parser.add_argument(
         "--flop-check", action="store_true", help="also count one step with torch.utils.flop_counter"
     )
@@ -185,17 +213,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> dict[str, float]:
-    """Run the benchmark, print a summary and return its figures."""
-    args = parse_args(argv)
-    torch.manual_seed(args.seed)
-    device = torch.device(args.device)
-    model, loss_fn, macs = build(args)
-    model = model.to(device).train()
-    params = sum(p.numel() for p in model.parameters())
+def make_step(model: nn.Module, loss_fn, args: argparse.Namespace, device: torch.device):
+    """A full optimisation step of ``model`` (compiled as ``--compile`` says) as a closure."""
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05)
-    runner = torch.compile(model) if args.compile else model
+    optimizer = torch.optim.AdamW(
+        trainable, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05, fused=args.optimizer == "fused"
+    )
+    runner = model
+    if args.compile == "regional":
+        compile_regions(model, backend=args.compile_backend)
+    elif args.compile == "whole":
+        runner = torch.compile(model, backend=args.compile_backend)
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
 
     def step() -> None:
@@ -205,10 +233,69 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         loss.backward()
         optimizer.step()
 
+    return step
+
+
+def reference_step(args: argparse.Namespace, device: torch.device):
+    """A step of :class:`ReferenceMAE` with the same shapes, optimizer and dtype (never compiled)."""
+    shape = load_backbone_shape(args.model)
+    model = ReferenceMAE(
+        (args.height, args.width),
+        shape.get("patch_size", 16),
+        shape["embed_dim"],
+        shape["depth"],
+        shape["num_heads"],
+        args.decoder_dim,
+        args.decoder_depth,
+        args.decoder_heads,
+        args.mask_ratio,
+    ).to(device)
+    images = torch.randn(args.batch, 3, args.height, args.width, device=device)
+    plain = argparse.Namespace(**{**vars(args), "compile": "off"})
+    return make_step(model, lambda m: m(images), plain, device)
+
+
+def interleaved_seconds(steps: dict, args: argparse.Namespace, device: torch.device) -> dict[str, float]:
+    """Best seconds per step of each of ``steps`` (name -> step) over ``--rounds`` rounds that take
+    turns, so that load that comes and goes on a shared machine hits all of them alike."""
+    for step in steps.values():  # warm-up (and compilation) once
+        time_steps(step, 1, args.warmup, device)
+    best = dict.fromkeys(steps, float("inf"))
+    for _ in range(args.rounds):
+        for name, step in steps.items():
+            best[name] = min(best[name], time_steps(step, args.steps, 0, device))
+    return best
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    """Run the benchmark, print a summary and return its figures."""
+    args = parse_args(argv)
+    torch.manual_seed(args.seed)
+    device = torch.device(args.device)
+    model, loss_fn, macs = build(args)
+    model = model.to(device).train()
+    params = sum(p.numel() for p in model.parameters())
+    step = make_step(model, loss_fn, args, device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    compile_start = time.perf_counter()
+    if args.compile != "off":  # the first steps compile (forward, then backward): time them apart
+        for _ in range(2):
+            step()
+        synchronize(device)
+    warmup_s = time.perf_counter() - compile_start
+
     # On a shared CPU the matmul peak is measured before and after the timed steps and the higher
     # value kept, so that a burst of foreign load does not inflate the fraction of peak.
     peak_before = cpu_matmul_peak() if device.type == "cpu" else 0.0
-    seconds = time_steps(step, args.steps, args.warmup, device)
+    if args.reference:
+        if args.task != "pretrain":
+            raise SystemExit("--reference compares MAE steps: use it with --task pretrain")
+        timed = interleaved_seconds({"ours": step, "reference": reference_step(args, device)}, args, device)
+        seconds, ref = timed["ours"], timed["reference"]
+    else:
+        seconds = time_steps(step, args.steps, args.warmup, device)
+    peak_memory = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
     step_flops = 3 * 2 * macs * args.batch
     achieved = step_flops / seconds
     peak, peak_source = device_peak(device, args.dtype)
@@ -221,12 +308,14 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         "flops_per_s": achieved,
         "peak_flops_per_s": peak or float("nan"),
         "peak_fraction": achieved / peak if peak else float("nan"),
+        "peak_memory_gib": peak_memory,
+        "compile_warmup_s": warmup_s if args.compile != "off" else 0.0,
     }
     where = device.type if device.type == "cpu" else torch.cuda.get_device_name(device)
     print(
         f"task: {args.task}  model: {args.model} ({params / 1e6:.1f} M params)  "
         f"image: {args.height}x{args.width}  batch: {args.batch}  dtype: {args.dtype}  "
-        f"grad_checkpointing: {args.grad_checkpointing}  compile: {args.compile}"
+        f"grad_checkpointing: {args.grad_checkpointing}  compile: {args.compile}  AdamW: {args.optimizer}"
     )
     if args.task == "pretrain":
         print(
@@ -236,6 +325,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     print(
         f"device: {where}  threads: {torch.get_num_threads()}  steps: {args.steps} (+{args.warmup} warm-up)"
     )
+    if args.compile != "off":
+        print(f"compile: first 2 steps took {warmup_s:.1f} s (compilation included)")
     print(f"seconds/step: {seconds:.4f}")
     print(f"images/s: {results['images_per_s']:.4g}")
     print(f"model FLOPs/step (analytic, 3 x 2 x MACs): {si(step_flops, 'FLOP')}")
@@ -245,6 +336,14 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         print(f"fraction of peak: {100 * results['peak_fraction']:.3g} %")
     else:
         print(f"peak: unknown ({peak_source})")
+    if device.type == "cuda":
+        print(f"peak memory: {peak_memory:.2f} GiB")
+    if args.reference:
+        results["reference_seconds_per_step"] = ref
+        results["speed_vs_reference"] = ref / seconds
+        print(f"reference MAE (PyTorch layers, eager): {ref:.4f} s/step; ours at {ref / seconds:.2f}x")
+    if args.profile:
+        print(profile_steps(step, args.profile, device))
     if args.flop_check:
         from torch.utils.flop_counter import FlopCounterMode
 
@@ -262,6 +361,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             "  (the counter has no formula for the CPU flash-attention kernel, so on CPU it misses "
             "the attention matmuls; with --grad-checkpointing it adds the recomputed forward)"
         )
+    if args.json:
+        Path(args.json).write_text(json.dumps({**vars(args), **results}, indent=1))
     return results
 
 

@@ -88,7 +88,7 @@ class FinetuneModule(SapiensModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = self.task.loss(self(batch["image"]), batch)
-        self.log("train/loss", loss.detach(), on_step=True, prog_bar=True, batch_size=batch["image"].shape[0])
+        self.log_train_loss(loss, batch_size=batch["image"].shape[0])
         return self.guard_loss(loss)
 
     def on_validation_epoch_start(self) -> None:

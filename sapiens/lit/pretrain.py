@@ -80,7 +80,7 @@ class MAEPretrainModule(SapiensModule):
         loss, _, _ = self.model(
             batch["image"], generator=self.mask_generator(batch["image"].device, batch_idx)
         )
-        self.log("train/loss", loss.detach(), on_step=True, prog_bar=True, batch_size=batch["image"].shape[0])
+        self.log_train_loss(loss, batch_size=batch["image"].shape[0])
         return self.guard_loss(loss)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:

@@ -1,0 +1,94 @@
+"""The non-finite guard without host syncs, through the real Lightning trainer on CPU.
+
+A non-finite loss leaves parameters and AdamW state untouched on that step (fused AdamW's
+``found_inf``), is counted and logged (one step later, and at the end), and a run of them stops
+training; callbacks' per-step flags reach ``step_flags`` one step after they were raised.
+"""
+
+import logging
+
+import lightning as L
+import pytest
+import torch
+from torch import nn
+
+from sapiens.lit.base import NonFiniteLossError, SapiensModule
+
+
+class Probe(SapiensModule):
+    """A linear model whose loss is NaN at ``bad_steps`` (micro-batch index within the step
+    ``bad_micro`` when accumulating); records the parameters before every step."""
+
+    def __init__(self, bad_steps=(), bad_micro=0, flag_step=None, **kwargs):
+        super().__init__(optimizer={"lr": 0.1, "weight_decay": 0.1}, schedule={"kind": "constant"}, **kwargs)
+        torch.manual_seed(0)
+        self.net = nn.Linear(4, 1)
+        self.bad_steps, self.bad_micro, self.flag_step = set(bad_steps), bad_micro, flag_step
+        self.before: dict[int, torch.Tensor] = {}
+        self.seen_flags: dict[int, bool] = {}
+        self.step_flag_sources["probe"] = lambda: self.global_step == self.flag_step
+
+    def training_step(self, batch, batch_idx):
+        self.before.setdefault(self.global_step, self.net.weight.detach().clone())
+        loss = self.net(batch).pow(2).mean()
+        micro = batch_idx % self.trainer.accumulate_grad_batches
+        if self.global_step in self.bad_steps and micro == self.bad_micro:
+            loss = loss * float("nan")
+        return self.guard_loss(loss)
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        super().on_train_batch_end(outputs, batch, batch_idx)
+        self.seen_flags[batch_idx] = self.step_flags.pop("probe", False)  # like the Slurm callback
+
+
+def fit(module: Probe, steps: int, accumulate: int = 1) -> L.Trainer:
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=steps,
+        accumulate_grad_batches=accumulate,
+        gradient_clip_val=1.0,  # clipping a NaN gradient must not leak into the weights either
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    data = [torch.randn(8, 4, generator=torch.Generator().manual_seed(i)) for i in range(steps * accumulate)]
+    trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=None))
+    return trainer
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_nonfinite_step_changes_nothing_and_is_counted(accumulate, caplog):
+    module = Probe(bad_steps={2, 4}, bad_micro=accumulate - 1)
+    with caplog.at_level(logging.WARNING, logger="sapiens.lit.base"):
+        trainer = fit(module, steps=6, accumulate=accumulate)
+    opt = trainer.optimizers[0]
+    assert opt.defaults["fused"]
+    for step in range(5):
+        changed = not torch.equal(module.before[step], module.before[step + 1])
+        assert changed == (step not in {2, 4}), f"step {step}: update {'applied' if changed else 'skipped'}"
+    state = opt.state[module.net.weight]
+    assert int(state["step"]) == 4  # AdamW's step count (bias correction) skips the bad steps too
+    assert module.nonfinite_total == 2
+    assert "non-finite loss at step 2: update skipped (1 in a row, 1 in total)" in caplog.text
+    assert "non-finite loss at step 4: update skipped (1 in a row, 2 in total)" in caplog.text
+
+
+def test_a_run_of_nonfinite_losses_stops_training():
+    module = Probe(bad_steps=set(range(2, 20)), max_consecutive_nonfinite=3)
+    with pytest.raises(NonFiniteLossError, match=r"3 consecutive non-finite losses \(last at step 4\)"):
+        fit(module, steps=20)
+    assert max(module.before) <= 6  # stopped within a step of the third bad one, not at the end
+
+
+def test_the_last_step_is_counted_at_the_end():
+    module = Probe(bad_steps={3})
+    fit(module, steps=4)
+    assert module.nonfinite_total == 1
+
+
+def test_callback_flags_arrive_one_step_later_and_once():
+    module = Probe(flag_step=2)
+    fit(module, steps=6)
+    # raised while step 2 ran, read by the callbacks at the end of step 3 (the next one), once
+    assert module.seen_flags == {0: False, 1: False, 2: False, 3: True, 4: False, 5: False}
