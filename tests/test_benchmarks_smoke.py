@@ -5,6 +5,7 @@ No timing is asserted: only that the figures are printed and are sane numbers.
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -40,7 +41,8 @@ def markdown_rows(text: str) -> list[list[str]]:
 
 
 @pytest.mark.parametrize("task", ["pretrain", "finetune"])
-def test_pretrain_throughput(task: str) -> None:
+def test_pretrain_throughput(task: str, tmp_path) -> None:
+    extra = ["--reference", "--rounds", "1"] if task == "pretrain" else []
     out = run_benchmark(
         "pretrain_throughput",
         "--task",
@@ -68,12 +70,22 @@ def test_pretrain_throughput(task: str) -> None:
         "--head-channels",
         "16",
         "--flop-check",
+        "--profile",
+        "1",
+        "--json",
+        str(tmp_path / "figures.json"),
+        *extra,
     )
-    assert f"task: {task}" in out
+    assert f"task: {task}" in out and "AdamW: fused" in out
     assert number_after("images/s:", out) > 0
     assert number_after("fraction of peak:", out) > 0
     assert "FLOP/s" in out and "measured fp32 torch.mm peak" in out
     assert number_after("counted / analytic =", out) > 0
+    assert "profile of 1 steps" in out and "matmul / conv" in out
+    if task == "pretrain":
+        assert number_after("ours at", out) > 0  # the plain reference MAE ran beside ours
+    figures = json.loads((tmp_path / "figures.json").read_text())
+    assert figures["images_per_s"] > 0 and figures["task"] == task
 
 
 def test_pretrain_throughput_rejects_unknown_model() -> None:

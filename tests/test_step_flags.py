@@ -92,3 +92,44 @@ def test_callback_flags_arrive_one_step_later_and_once():
     fit(module, steps=6)
     # raised while step 2 ran, read by the callbacks at the end of step 3 (the next one), once
     assert module.seen_flags == {0: False, 1: False, 2: False, 3: True, 4: False, 5: False}
+
+
+def test_slurm_requeue_runs_once_a_step_after_the_signal():
+    """The requeue flag is sampled again in the step that requeues (before it is reset): that stale
+    sample must not requeue a second time (it did, under load, before the callback ignored it)."""
+    from sapiens.callbacks.slurm_requeue import SlurmRequeueAtStepBoundary
+
+    requeued_after_batch: list[int] = []
+
+    class Requeue(SlurmRequeueAtStepBoundary):
+        def setup(self, trainer, pl_module, stage):  # what the real setup does under Slurm
+            self._active = True
+            pl_module.step_flag_sources["slurm_requeue"] = lambda: self.requested
+            trainer._signal_connector._slurm_sigusr_handler_fn = lambda *a: requeued_after_batch.append(
+                self._batch
+            )
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            self._batch = batch_idx
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    requeue = Requeue()
+
+    class Signal(L.Callback):  # USR1 arrives while batch 2 runs, before its flags are sampled
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if batch_idx == 2:
+                requeue.requested = True
+
+    module = Probe()
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=8,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[Signal(), requeue],
+    )
+    data = [torch.randn(8, 4) for _ in range(8)]
+    trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=None))
+    assert requeued_after_batch == [3]

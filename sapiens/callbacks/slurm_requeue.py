@@ -6,7 +6,8 @@ checkpoint barrier) and another starts the checkpoint's barrier instead: both ha
 This callback only sets a flag in the handler; after each training batch the ranks agree (max-reduce of
 the flag) and all run Lightning's own save-and-requeue at the same step. With our LightningModules the
 flag rides in the non-finite-loss check's all-reduce (``step_flag_sources``), so it costs no collective
-of its own; other modules get a separate max-reduce.
+of its own, and is read one step later without a host sync (``sapiens/lit/step_flags.py``): the ranks
+requeue at the end of the step after the one that saw the signal. Other modules get a separate max-reduce.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ class SlurmRequeueAtStepBoundary(L.Callback):
         self.requested = False
         self._signum: int | None = None
         self._active = False
+        self._acted = False
 
     def _flag(self, signum, frame) -> None:
         self.requested, self._signum = True, signum
@@ -44,12 +46,14 @@ class SlurmRequeueAtStepBoundary(L.Callback):
         step_flags = getattr(pl_module, "step_flags", None)
         if isinstance(step_flags, dict) and "slurm_requeue" in step_flags:
             requested = step_flags.pop("slurm_requeue")  # reduced over ranks in guard_loss
+            if self._acted:  # sampled during the step that requeued, before `requested` was reset
+                requested, self._acted = False, False
         else:
             flag = torch.tensor(float(self.requested), device=pl_module.device)
             if trainer.world_size > 1:
                 flag = trainer.strategy.reduce(flag, reduce_op="max")
             requested = flag.item() > 0
         if requested:
-            self.requested = False
+            self.requested, self._acted = False, True
             # Lightning's own handler: save the hpc checkpoint on every rank, then `scontrol requeue`.
             trainer._signal_connector._slurm_sigusr_handler_fn(self._signum or signal.SIGUSR1, None)
