@@ -35,6 +35,7 @@ from sapiens.metrics.oks_eval import (
     evaluate_keypoints,
     evaluate_keypoints_pycocotools,
     planar,
+    stack_planar,
     take_rows,
 )
 
@@ -316,9 +317,7 @@ class KeypointAP:
             k = self.num_keypoints
             self._gt_arrays = KeypointGroundTruth(
                 image_ids=np.asarray(ids, dtype=np.int64),
-                keypoints=np.stack([p.T for p in kpts], 1).transpose(1, 2, 0)
-                if kpts
-                else np.zeros((0, k, 3)),
+                keypoints=stack_planar(kpts) if kpts else np.zeros((0, k, 3)),
                 bboxes=np.asarray(boxes, dtype=np.float64).reshape(-1, 4),
                 areas=np.asarray(areas, dtype=np.float64),
                 iscrowd=np.asarray(crowd, dtype=bool),
@@ -348,7 +347,8 @@ class KeypointAP:
         ids = preds["image_ids"]
         if self.nms_thr is not None:
             keep = batched_oks_nms(ids, kpts, scores, preds["areas"], self.sigmas, self.nms_thr)
-            ids, kpts, scores = ids[keep], take_rows(kpts, keep), scores[keep]
+            if not keep.all():  # (a copy of every kept pose: skipped when NMS removed none)
+                ids, kpts, scores = ids[keep], take_rows(kpts, keep), scores[keep]
         return KeypointDetections(ids, kpts, scores)
 
     def compute(self, results_path: str | Path | None = None) -> dict[str, float]:
@@ -388,7 +388,9 @@ class KeypointAP:
 def _concatenate(arrays: list[np.ndarray]) -> np.ndarray:
     """Concatenate along the first axis; (N, K, 3) keypoints stay planar."""
     if arrays[0].ndim == 3:
-        return np.concatenate([a.transpose(2, 0, 1) for a in arrays], axis=1).transpose(1, 2, 0)
+        out = np.empty((3, sum(a.shape[0] for a in arrays), arrays[0].shape[1]))
+        np.concatenate([a.transpose(2, 0, 1) for a in arrays], axis=1, out=out)
+        return out.transpose(1, 2, 0)
     return np.concatenate(arrays)
 
 

@@ -36,6 +36,7 @@ __all__ = [
     "cocoeval_stats",
     "coco_dicts",
     "planar",
+    "stack_planar",
     "take_rows",
 ]
 
@@ -57,13 +58,22 @@ def planar(keypoints: np.ndarray) -> np.ndarray:
 
 
 def take_rows(keypoints: np.ndarray, index: np.ndarray) -> np.ndarray:
-    """``keypoints[index]`` (poses ``index`` of (N, K, 3)), planar like :func:`planar`."""
-    return keypoints.transpose(2, 0, 1)[:, index].transpose(1, 2, 0)
+    """``keypoints[index]`` (poses ``index`` (int or bool) of (N, K, 3)), planar like :func:`planar`
+    (``np.take`` writes a C-ordered result; fancy indexing may not)."""
+    index = np.flatnonzero(index) if np.asarray(index).dtype == bool else index
+    return np.take(keypoints.transpose(2, 0, 1), index, axis=1).transpose(1, 2, 0)
 
 
 def take_keypoints(keypoints: np.ndarray, index: np.ndarray) -> np.ndarray:
     """``keypoints[:, index]`` (keypoints ``index`` of every pose), planar."""
-    return np.ascontiguousarray(keypoints.transpose(2, 0, 1)[:, :, index]).transpose(1, 2, 0)
+    return np.take(keypoints.transpose(2, 0, 1), index, axis=2).transpose(1, 2, 0)
+
+
+def stack_planar(poses: list[np.ndarray]) -> np.ndarray:
+    """``np.stack(poses)`` of (K, 3) poses into (N, K, 3), planar."""
+    out = np.empty((3, len(poses), poses[0].shape[0]))
+    np.stack([p.T for p in poses], axis=1, out=out)
+    return out.transpose(1, 2, 0)
 
 
 @dataclass
@@ -276,9 +286,9 @@ def evaluate_keypoints(gt: KeypointGroundTruth, dt: KeypointDetections, sigmas: 
     num_dets = np.bincount(d_owner, minlength=n_img)
     det_index = _padded(d_owner, n_img, int(num_dets.max(initial=0)))  # into `order`
     det_valid = det_index >= 0
-    xy = take_rows(dt.keypoints, order)[..., :2]
+    xy = dt.keypoints[..., :2]  # rows are picked through `order` below: no copy of the poses
     areas = np.ptp(xy[..., 0], axis=-1) * np.ptp(xy[..., 1], axis=-1) if order.size else np.zeros(0)
-    scores = dt.scores[order]
+    areas, scores = areas[order], dt.scores[order]
 
     # Ground truth in the given order (stable sort by image).
     g_order = np.argsort(g_img, kind="stable")
@@ -293,7 +303,7 @@ def evaluate_keypoints(gt: KeypointGroundTruth, dt: KeypointDetections, sigmas: 
     pair = det_valid[:, :, None] & gt_valid[:, None, :]
     ii, dd, gg = np.nonzero(pair)
     var = (np.asarray(sigmas, dtype=np.float64) * 2) ** 2
-    ious[ii, dd, gg] = _oks_pairs(gt, xy, gt_rows[ii, gg], det_index[ii, dd], var)
+    ious[ii, dd, gg] = _oks_pairs(gt, xy, gt_rows[ii, gg], order[det_index[ii, dd]], var)
 
     labelled = (gt.keypoints[..., 2] > 0).sum(-1)
     base_ignore = (gt.iscrowd.astype(bool) | (labelled == 0))[gt_rows]
