@@ -257,7 +257,7 @@ class KeypointAP:
             bbox_scores: (N,) detection score of the box each pose was cropped from (1 for GT).
             areas: (N,) instance area used by OKS-NMS (crop ``scale`` w*h).
         """
-        kpts = planar(np.array(keypoints, dtype=np.float64))  # a copy: callers may reuse their buffers
+        kpts = planar(keypoints, copy=True)  # callers may reuse their buffers
         ids = np.asarray(image_ids, dtype=np.int64).reshape(-1)
         if kpts.ndim != 3 or kpts.shape[1:] != (self.num_keypoints, 3):
             raise ValueError(f"keypoints must be (N, {self.num_keypoints}, 3), got shape {kpts.shape}")

@@ -47,14 +47,16 @@ AREA_RANGES = ((0**2, 1e5**2), (32**2, 96**2), (96**2, 1e5**2))  # all, medium, 
 _PAIR_CHUNK = 1 << 18  # OKS elements (pairs x keypoints) computed at once
 
 
-def planar(keypoints: np.ndarray) -> np.ndarray:
+def planar(keypoints: np.ndarray, copy: bool = False) -> np.ndarray:
     """(N, K, 3) keypoints as a view of contiguous (3, N, K) float64 planes (x, y, visibility or score).
 
     Every operation here works per coordinate, over many poses at once; in this layout each plane is
     contiguous, so no strided pass over the (N, K, 3) array is needed. A copy only when ``keypoints``
-    is not planar already."""
+    is not planar already, or when ``copy``."""
     planes = np.asarray(keypoints, dtype=np.float64).transpose(2, 0, 1)
-    return np.ascontiguousarray(planes).transpose(1, 2, 0)
+    if copy or not planes.flags.c_contiguous:
+        planes = np.array(planes, order="C")
+    return planes.transpose(1, 2, 0)
 
 
 def take_rows(keypoints: np.ndarray, index: np.ndarray) -> np.ndarray:
