@@ -112,9 +112,34 @@ def test_rescoring_and_nms():
     metric = KeypointAP(kset)
     metric.add_ground_truth(_gt_sample(7, [gt]))
     metric.add_predictions([7, 7], np.stack([kpts, dup]), [0.5, 0.6], [3e4, 3e4])
-    scored = metric.scored_predictions()
-    assert len(scored.scores) == 1  # the near-duplicate is suppressed
-    assert scored.scores[0] == pytest.approx(0.6 * 0.9)  # box score x mean of scores > 0.2
+    scored = metric.scored_results()
+    assert len(scored) == 1  # the near-duplicate is suppressed
+    assert scored[0]["score"] == pytest.approx(0.6 * 0.9)  # box score x mean of scores > 0.2
+    assert metric.scored_predictions().scores.tolist() == [scored[0]["score"]]  # the same, as arrays
+
+
+def test_scored_results_keep_boxes_and_can_include_images_without_ground_truth():
+    """What predict writes: COCO results with the person boxes, on images nobody annotated."""
+    kset = load_keypoint_set("coco17")
+    rng = np.random.default_rng(4)
+    metric = KeypointAP(kset)
+    poses = np.stack([_person(rng, 17)["keypoints"] for _ in range(3)])
+    poses[..., 2] = 0.9
+    metric.add_predictions(
+        [5, 9, 5], poses, [0.4, 0.9, 0.8], [3e4] * 3, boxes=[[1, 2, 3, 4], [5, 6, 7, 8], [9, 9, 9, 9]]
+    )
+    metric.add_predictions([9], poses[:1], [0.5], [3e4])  # no box
+    with pytest.warns(UserWarning, match="4 predictions on images without registered GT"):
+        assert metric.scored_results() == []
+    results = metric.scored_results(with_ground_truth_only=False)
+    assert [(r["image_id"], round(r["score"], 2)) for r in results] == [
+        (5, 0.72),
+        (5, 0.36),
+        (9, 0.81),
+        (9, 0.45),
+    ]
+    assert [r.get("bbox") for r in results] == [[9, 9, 9, 9], [1, 2, 3, 4], [5, 6, 7, 8], None]
+    assert len(results[0]["keypoints"]) == 17 * 3
 
 
 def test_errors_and_empty_predictions():

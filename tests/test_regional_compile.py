@@ -103,3 +103,17 @@ def test_bad_compile_config_is_one_clear_line(override, message):
     overrides = [override] if not override.startswith("+") else ["compile={mode: default}", override]
     with pytest.raises(ConfigError, match=message):
         validate_config(compose_cfg(overrides))
+
+
+def test_predict_runner_compiles_blocks_and_head_in_place(tmp_path):
+    """predict's ``compile=true`` is the same regional compilation, with the same outputs."""
+    from sapiens.predict.runners import load_runner
+    from tests.checkpoint_factory import make_module, save_ours
+
+    ckpt = save_ours(make_module("pose"), tmp_path / "pose.ckpt")
+    eager = load_runner(ckpt, device="cpu")
+    compiled = load_runner(ckpt, device="cpu", compile={"backend": "eager"})
+    assert is_compiled(compiled.net) and not is_compiled(eager.net)
+    assert find_regions(compiled.net) == ["backbone.blocks.0", "backbone.blocks.1", "task.head"]
+    images = torch.randn(2, 3, *SIZE)
+    torch.testing.assert_close(compiled(images), eager(images))

@@ -41,7 +41,7 @@ class Probe(SapiensModule):
         self.seen_flags[batch_idx] = self.step_flags.pop("probe", False)  # like the Slurm callback
 
 
-def fit(module: Probe, steps: int, accumulate: int = 1) -> L.Trainer:
+def fit(module: Probe, steps: int, accumulate: int = 1, callbacks=()) -> L.Trainer:
     trainer = L.Trainer(
         accelerator="cpu",
         max_steps=steps,
@@ -51,6 +51,7 @@ def fit(module: Probe, steps: int, accumulate: int = 1) -> L.Trainer:
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
+        callbacks=list(callbacks),
     )
     data = [torch.randn(8, 4, generator=torch.Generator().manual_seed(i)) for i in range(steps * accumulate)]
     trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=None))
@@ -121,16 +122,5 @@ def test_slurm_requeue_runs_once_a_step_after_the_signal():
             if batch_idx == 2:
                 requeue.requested = True
 
-    module = Probe()
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_steps=8,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[Signal(), requeue],
-    )
-    data = [torch.randn(8, 4) for _ in range(8)]
-    trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=None))
+    fit(Probe(), steps=8, callbacks=[Signal(), requeue])
     assert requeued_after_batch == [3]

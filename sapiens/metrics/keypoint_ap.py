@@ -39,11 +39,18 @@ from sapiens.metrics.oks_eval import (
     take_rows,
 )
 
-__all__ = ["STAT_NAMES", "KeypointAP", "batched_oks_nms", "oks_nms", "torch_all_gather_object"]
+__all__ = [
+    "STAT_NAMES",
+    "KeypointAP",
+    "batched_oks_nms",
+    "coco_results",
+    "oks_nms",
+    "torch_all_gather_object",
+]
 
 STAT_NAMES = ("AP", "AP50", "AP75", "APm", "APl", "AR", "AR50", "AR75", "ARm", "ARl")
 BACKENDS = {"numpy": evaluate_keypoints, "pycocotools": evaluate_keypoints_pycocotools}
-_PRED_KEYS = ("image_ids", "keypoints", "bbox_scores", "areas")
+_PRED_KEYS = ("image_ids", "keypoints", "bbox_scores", "areas", "boxes")
 
 
 def torch_all_gather_object(obj: Any) -> list[Any]:
@@ -248,6 +255,7 @@ class KeypointAP:
         keypoints: np.ndarray,
         bbox_scores: Sequence[float] | np.ndarray,
         areas: Sequence[float] | np.ndarray,
+        boxes: np.ndarray | None = None,
     ) -> None:
         """Register N predicted poses.
 
@@ -256,16 +264,20 @@ class KeypointAP:
             keypoints: float (N, K, 3) image-pixel (x, y, score).
             bbox_scores: (N,) detection score of the box each pose was cropped from (1 for GT).
             areas: (N,) instance area used by OKS-NMS (crop ``scale`` w*h).
+            boxes: optional (N, 4) [x, y, w, h] person boxes, kept as ``bbox`` in the results.
         """
-        kpts = planar(keypoints, copy=True)  # callers may reuse their buffers
-        ids = np.asarray(image_ids, dtype=np.int64).reshape(-1)
+        kpts = np.asarray(keypoints, dtype=np.float64)
         if kpts.ndim != 3 or kpts.shape[1:] != (self.num_keypoints, 3):
             raise ValueError(f"keypoints must be (N, {self.num_keypoints}, 3), got shape {kpts.shape}")
+        kpts = planar(kpts, copy=True)  # callers may reuse their buffers
+        ids = np.asarray(image_ids, dtype=np.int64).reshape(-1)
         scores = np.asarray(bbox_scores, dtype=np.float64).reshape(-1)
         area = np.asarray(areas, dtype=np.float64).reshape(-1)
-        if not len(ids) == len(scores) == len(area) == kpts.shape[0]:
-            raise ValueError("image_ids, keypoints, bbox_scores and areas must have the same N")
-        self.predictions.append(dict(zip(_PRED_KEYS, (ids, kpts, scores, area), strict=True)))
+        n = kpts.shape[0]
+        box = np.full((n, 4), np.nan) if boxes is None else np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+        if not len(ids) == len(scores) == len(area) == len(box) == n:
+            raise ValueError("image_ids, keypoints, bbox_scores, areas (and boxes) must have the same N")
+        self.predictions.append(dict(zip(_PRED_KEYS, (ids, kpts, scores, area, box), strict=True)))
 
     @property
     def num_predictions(self) -> int:
@@ -275,7 +287,8 @@ class KeypointAP:
         if len(self.predictions) == 1:
             return self.predictions[0]
         if not self.predictions:
-            empty = (np.zeros(0, np.int64), np.zeros((0, self.num_keypoints, 3)), np.zeros(0), np.zeros(0))
+            k = self.num_keypoints
+            empty = (np.zeros(0, np.int64), np.zeros((0, k, 3)), np.zeros(0), np.zeros(0), np.zeros((0, 4)))
             return dict(zip(_PRED_KEYS, empty, strict=True))
         return {key: _concatenate([c[key] for c in self.predictions]) for key in _PRED_KEYS}
 
@@ -325,11 +338,12 @@ class KeypointAP:
             )
         return self._gt_arrays
 
-    def scored_predictions(self) -> KeypointDetections:
-        """Rescored and OKS-NMS-filtered predictions on images with GT, in registration order."""
+    def scored_predictions(self, with_ground_truth_only: bool = True) -> KeypointDetections:
+        """Rescored and OKS-NMS-filtered predictions, in registration order; those on images without
+        registered GT are dropped (with a warning) unless ``with_ground_truth_only`` is False."""
         preds = self._stacked_predictions()
         known = np.isin(preds["image_ids"], np.fromiter(self.ground_truth, np.int64))
-        if not known.all():
+        if with_ground_truth_only and not known.all():
             warnings.warn(
                 f"KeypointAP: {int((~known).sum())} predictions on images without registered GT were ignored",
                 stacklevel=3,
@@ -344,12 +358,19 @@ class KeypointAP:
         else:
             mask = kscores > self.keypoint_score_thr
             scores = bbox * ((kscores * mask).sum(-1) / np.maximum(mask.sum(-1), 1))
-        ids = preds["image_ids"]
+        ids, boxes = preds["image_ids"], preds["boxes"]
         if self.nms_thr is not None:
             keep = batched_oks_nms(ids, kpts, scores, preds["areas"], self.sigmas, self.nms_thr)
             if not keep.all():  # (a copy of every kept pose: skipped when NMS removed none)
-                ids, kpts, scores = ids[keep], take_rows(kpts, keep), scores[keep]
-        return KeypointDetections(ids, kpts, scores)
+                ids, kpts, scores, boxes = ids[keep], take_rows(kpts, keep), scores[keep], boxes[keep]
+        return KeypointDetections(ids, kpts, scores, boxes)
+
+    def scored_results(self, with_ground_truth_only: bool = True) -> list[dict[str, Any]]:
+        """:meth:`scored_predictions` as COCO keypoint results ``{"image_id", "category_id", "keypoints"
+        [x, y, s] * K, "score"[, "bbox"]}``, by image (in order of first appearance), then by score
+        when OKS-NMS ran (else as registered)."""
+        dets = self.scored_predictions(with_ground_truth_only)
+        return coco_results(dets, by_score=self.nms_thr is not None)
 
     def compute(self, results_path: str | Path | None = None) -> dict[str, float]:
         """Evaluate everything accumulated so far.
@@ -367,7 +388,8 @@ class KeypointAP:
             raise ValueError("KeypointAP.compute: no ground truth registered (add_ground_truth)")
         dets = self.scored_predictions()
         if results_path is not None:
-            write_results(dets, results_path)
+            Path(results_path).parent.mkdir(parents=True, exist_ok=True)
+            Path(results_path).write_text(json.dumps(coco_results(dets, by_score=self.nms_thr is not None)))
         if not dets.image_ids.size:
             warnings.warn("KeypointAP: no predictions to evaluate; reporting 0", stacklevel=2)
             metrics = dict.fromkeys(STAT_NAMES, 0.0)
@@ -399,12 +421,25 @@ def _take(preds: dict[str, np.ndarray], index: np.ndarray) -> dict[str, np.ndarr
     return {key: take_rows(v, index) if v.ndim == 3 else v[index] for key, v in preds.items()}
 
 
-def write_results(dets: KeypointDetections, path: str | Path) -> None:
-    """COCO keypoint results JSON (``image_id``, ``category_id``, flat ``keypoints``, ``score``)."""
-    flat = dets.keypoints.reshape(dets.keypoints.shape[0], -1).tolist()
-    results = [
-        {"image_id": int(i), "category_id": 1, "keypoints": k, "score": float(s)}
-        for i, k, s in zip(dets.image_ids, flat, dets.scores, strict=True)
-    ]
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(results))
+def coco_results(dets: KeypointDetections, by_score: bool) -> list[dict[str, Any]]:
+    """COCO keypoint results of ``dets``: grouped by image in order of first appearance, each image's
+    poses by descending score (stable) when ``by_score``, else in their given order; ``bbox`` when the
+    pose came with one."""
+    images, first = np.unique(dets.image_ids, return_index=True)
+    appearance = np.argsort(np.argsort(first))[np.searchsorted(images, dets.image_ids)]
+    secondary = -dets.scores if by_score else np.zeros(len(dets.scores))
+    order = np.lexsort((np.arange(len(dets.scores)), secondary, appearance))
+    flat = dets.keypoints.reshape(dets.keypoints.shape[0], dets.keypoints.shape[1] * 3)
+    boxes = dets.boxes if dets.boxes is not None else np.full((len(order), 4), np.nan)
+    results = []
+    for i in order:
+        result = {
+            "image_id": int(dets.image_ids[i]),
+            "category_id": 1,
+            "keypoints": flat[i].tolist(),
+            "score": float(dets.scores[i]),
+        }
+        if not np.isnan(boxes[i]).any():
+            result["bbox"] = boxes[i].tolist()
+        results.append(result)
+    return results

@@ -120,9 +120,12 @@ class KeypointDetections:
     image_ids: np.ndarray
     keypoints: np.ndarray
     scores: np.ndarray
+    boxes: np.ndarray | None = None  # (N, 4) xywh person boxes when known (NaN rows: none); not evaluated
 
     def select_keypoints(self, index: np.ndarray) -> KeypointDetections:
-        return KeypointDetections(self.image_ids, take_keypoints(self.keypoints, index), self.scores)
+        return KeypointDetections(
+            self.image_ids, take_keypoints(self.keypoints, index), self.scores, self.boxes
+        )
 
 
 def _padded(owner: np.ndarray, num_rows: int, width: int) -> np.ndarray:

@@ -18,6 +18,7 @@ import torch
 from sapiens.data.normalize import normalize_images
 from sapiens.export import load_torch_export, read_onnx_metadata, spec_from_metadata
 from sapiens.model_spec import ModelSpec
+from sapiens.models.regional_compile import compile_options, compile_regions
 from sapiens.task_model import load_task_model
 
 log = logging.getLogger(__name__)
@@ -88,7 +89,7 @@ def load_runner(
     task: str | None = None,
     device: str | torch.device = "auto",
     precision: str = "fp32",
-    compile: bool = False,
+    compile: bool | dict = False,
     flip_test: bool = True,
     overrides: dict | None = None,
 ) -> Runner:
@@ -99,7 +100,9 @@ def load_runner(
         device: ``auto`` or a torch device. ONNX runs through onnxruntime (CPU, or CUDA when its provider
             is installed); its inputs and outputs move through the CPU.
         precision: ``fp32``, ``bf16`` or ``fp16`` autocast for the PyTorch formats (ONNX stays fp32).
-        compile: ``torch.compile`` the model (checkpoints only; the first batches are slow).
+        compile: ``torch.compile`` the model's blocks and head (checkpoints only; the first batches are
+            slow): :func:`sapiens.models.regional_compile.compile_regions`; a dict gives
+            ``torch.compile`` options.
         flip_test: pose only: average with the mirrored crop (published setting).
         overrides: label space / recipe values for files that do not say (see ``read_model_spec``).
     """
@@ -128,8 +131,8 @@ def load_runner(
         task_module = spec.build_task(int(spec.backbone["embed_dim"]), flip_test=flip_test)
         return Runner(spec, task_module, net, dev, kind, path, dtype)
     model = load_task_model(path, task=task, overrides=overrides, flip_test=flip_test).to(dev)
-    net = model
-    if compile:
-        log.info("%s: torch.compile (the first batches compile and are slow)", path)
-        net = torch.compile(model)
-    return Runner(model.spec, model.task, net, dev, "checkpoint", path, PRECISIONS[precision])
+    options = compile_options(compile)
+    if options is not None:  # block by block, in place, as compile=true in training
+        log.info("%s: torch.compile, block by block (the first batches compile and are slow)", path)
+        compile_regions(model, **options)
+    return Runner(model.spec, model.task, model, dev, "checkpoint", path, PRECISIONS[precision])
