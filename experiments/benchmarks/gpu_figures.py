@@ -94,7 +94,7 @@ def table(rows: list[dict]) -> str:
         base = eager.get((r["task"], r["model"]))
         speedup = f"{r['images_per_s'] / base['images_per_s']:.2f}x" if base and r["compile"] else ""
         compile_s = f"{r['compile_warmup_s']:.0f}" if r["compile"] else ""
-        tflops, mfu = f"{r['flops_per_s'] / 1e12:.0f}", f"{100 * r['peak_fraction']:.1f}"
+        tflops, mfu = f"{r['flops_per_s'] / 1e12:.3g}", f"{100 * r['peak_fraction']:.3g}"
         figures = [f"{r['images_per_s']:.1f}", tflops, mfu, f"{r['peak_memory_gib']:.1f}", compile_s, speedup]
         lines.append([r["model"], step, size, r["batch"], on, *figures])
     return markdown_table(header, lines)
