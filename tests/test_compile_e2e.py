@@ -12,12 +12,14 @@ import pytest
 import torch
 
 from sapiens.lit.pretrain import MAEPretrainModule
-from tests.conftest import TINY, run_train
+from tests.conftest import TINY, overridden, run_train
 from tests.test_train_e2e import column, read_metrics
 
 pytestmark = pytest.mark.slow
 
-COMPILED = [*TINY, "compile=true", "validate_after_fit=false", "trainer.limit_val_batches=0", "logger=csv"]
+COMPILED = overridden(
+    TINY, "compile=true", "validate_after_fit=false", "trainer.limit_val_batches=0", "logger=csv"
+)
 
 
 def test_compiled_training_saves_plain_keys_and_resumes(pretrain_data_root, tmp_path):
@@ -41,8 +43,8 @@ def test_compiled_training_saves_plain_keys_and_resumes(pretrain_data_root, tmp_
 
 
 def test_compiled_training_under_ddp(pretrain_data_root, tmp_path):
-    args = [
-        *COMPILED,
+    args = overridden(
+        COMPILED,
         f"data.root={pretrain_data_root}",
         f"paths.output_dir={tmp_path}",
         "run_name=ddp",
@@ -50,7 +52,7 @@ def test_compiled_training_under_ddp(pretrain_data_root, tmp_path):
         "trainer.devices=2",
         "trainer.max_steps=3",
         "compile={backend: aot_eager}",
-    ]
+    )
     run_train(args, timeout=600)
     run_dir = tmp_path / "pretrain" / "ddp"
     ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
