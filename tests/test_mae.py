@@ -61,19 +61,27 @@ def test_high_mask_ratio_and_other_image_size():
     assert torch.all(mask.sum(1) == 24 - 1)
 
 
-def test_loss_falls_on_a_fixed_batch():
-    torch.manual_seed(0)
-    mae = tiny_mae()
-    # Smooth images (upsampled 4x3 noise): the hidden patches are predictable from the visible ones.
+def fit_fixed_batch(mae: MaskedAutoencoder, steps: int = 60, on_backward=None) -> list[float]:
+    """AdamW steps on smooth images (upsampled 4x3 noise, so hidden patches are predictable from the
+    visible ones) with two alternating masks; returns the losses. ``on_backward(step)`` runs after each
+    backward pass."""
     imgs = torch.nn.functional.interpolate(torch.randn(4, 3, 4, 3), size=(64, 48), mode="bilinear")
     opt = torch.optim.AdamW(mae.parameters(), lr=2e-3)
     losses = []
-    for step in range(60):
+    for step in range(steps):
         loss, _, _ = mae(imgs, generator=torch.Generator().manual_seed(step % 2))
         opt.zero_grad()
         loss.backward()
+        if on_backward is not None:
+            on_backward(step)
         opt.step()
         losses.append(loss.item())
+    return losses
+
+
+def test_loss_falls_on_a_fixed_batch():
+    torch.manual_seed(0)
+    losses = fit_fixed_batch(tiny_mae())
     assert sum(losses[-5:]) / 5 < 0.6 * sum(losses[:5]) / 5
 
 

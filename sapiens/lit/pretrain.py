@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from sapiens.lit.base import SapiensModule
 from sapiens.models.factory import build_backbone
 from sapiens.models.mae import MaskedAutoencoder
-from sapiens.models.vit import VisionTransformer
 
 
 class MAEPretrainModule(SapiensModule):
-    """Pretrain a Sapiens ViT with masked autoencoding.
+    """Pretrain a backbone of any family (Sapiens ViT, Sapiens2) with masked autoencoding.
 
     Args:
         backbone: ``model.backbone``: family and shape, built for the ``pretrain`` role by
@@ -57,7 +57,7 @@ class MAEPretrainModule(SapiensModule):
         )
 
     @property
-    def backbone(self) -> VisionTransformer:
+    def backbone(self) -> nn.Module:
         """The encoder being pretrained."""
         return self.model.encoder
 
@@ -66,7 +66,7 @@ class MAEPretrainModule(SapiensModule):
 
     def tokens_per_image(self, image: torch.Tensor) -> int:
         """Patch tokens per input image (before masking), for throughput figures."""
-        p = self.backbone.patch_size
+        p = self.model.patch_size
         return (image.shape[-2] // p) * (image.shape[-1] // p)
 
     def mask_generator(self, device: torch.device, batch_idx: int) -> torch.Generator:

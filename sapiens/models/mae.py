@@ -1,11 +1,16 @@
-"""Masked autoencoder (MAE) pretraining around the Sapiens ViT encoder.
+"""Masked autoencoder (MAE) pretraining around any backbone family (Sapiens ViT, Sapiens2).
 
 Per sample, a random subset of patches (``mask_ratio``, default 0.75) is hidden by argsorting uniform noise;
 the encoder runs on the visible tokens only, a light decoder (512 wide, 8 deep, 16 heads, own fixed sin-cos
 table, learnable mask token) reconstructs every patch, and the loss is the MSE to per-patch normalised pixels
 on the masked patches only.
 
-Shapes below: B batch, L = h*w patches, p patch size, D encoder width, Dd decoder width.
+The encoder is used only through the backbone API (``sapiens.models.factory``): ``embed`` gives the patch
+tokens, the kept ones are gathered, and ``encode(kept, grid, ids_keep)`` runs them with the family's prefix
+tokens (the ViT's cls; Sapiens2's cls + 8 registers, which take part in attention) and positions (Sapiens2's
+kept tokens rotate by their own RoPE angles). The decoder sees every prefix token plus the restored sequence.
+
+Shapes below: B batch, L = h*w patches, p patch size, P prefix tokens, D encoder width, Dd decoder width.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import torch
 from torch import nn
 
 from sapiens.models.pos_embed import sincos_2d
-from sapiens.models.vit import LN_EPS, Block, VisionTransformer, _init_module
+from sapiens.models.vit import LN_EPS, Block, _init_module
 
 
 def patchify(imgs: torch.Tensor, p: int) -> torch.Tensor:
@@ -31,10 +36,38 @@ def unpatchify(x: torch.Tensor, p: int, grid: tuple[int, int]) -> torch.Tensor:
     return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], -1, h * p, w * p)
 
 
+def masking_ids(
+    batch: int,
+    length: int,
+    mask_ratio: float,
+    device: torch.device | str = "cpu",
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Draw which tokens each sample keeps: a random ``1 - mask_ratio`` share.
+
+    Returns:
+        ids_keep (B, K) long raster indices of the kept tokens, K = int(L * (1 - mask_ratio)), at least 1;
+        mask (B, L) float, 1 = removed, in the original order;
+        ids_restore (B, L) long, the permutation that puts [kept, removed] tokens back in order.
+    """
+    keep = max(1, int(length * (1 - mask_ratio)))
+    noise = torch.rand(batch, length, device=device, generator=generator)
+    ids_shuffle = noise.argsort(dim=1)  # ascending: the smallest noise is kept
+    ids_restore = ids_shuffle.argsort(dim=1)
+    mask = torch.ones(batch, length, device=device)
+    mask[:, :keep] = 0
+    return ids_shuffle[:, :keep], mask.gather(1, ids_restore), ids_restore
+
+
+def gather_tokens(tokens: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """tokens (B, L, D), ids (B, K) -> (B, K, D)."""
+    return tokens.gather(1, ids.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
+
+
 def random_masking(
     tokens: torch.Tensor, mask_ratio: float, generator: torch.Generator | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Keep a random ``1 - mask_ratio`` share of tokens per sample.
+    """Keep a random ``1 - mask_ratio`` share of tokens per sample (:func:`masking_ids` + gather).
 
     Args:
         tokens: (B, L, D).
@@ -45,16 +78,8 @@ def random_masking(
         mask (B, L) float, 1 = removed, in the original order;
         ids_restore (B, L) long, the permutation that puts shuffled tokens back in order.
     """
-    b, length, d = tokens.shape
-    keep = max(1, int(length * (1 - mask_ratio)))
-    noise = torch.rand(b, length, device=tokens.device, generator=generator)
-    ids_shuffle = noise.argsort(dim=1)  # ascending: the smallest noise is kept
-    ids_restore = ids_shuffle.argsort(dim=1)
-    ids_keep = ids_shuffle[:, :keep]
-    kept = tokens.gather(1, ids_keep.unsqueeze(-1).expand(-1, -1, d))
-    mask = torch.ones(b, length, device=tokens.device)
-    mask[:, :keep] = 0
-    return kept, mask.gather(1, ids_restore), ids_restore
+    ids_keep, mask, ids_restore = masking_ids(*tokens.shape[:2], mask_ratio, tokens.device, generator)
+    return gather_tokens(tokens, ids_keep), mask, ids_restore
 
 
 class MAEDecoder(nn.Module):
@@ -89,27 +114,30 @@ class MAEDecoder(nn.Module):
         nn.init.normal_(self.mask_token, std=0.02)
         self.apply(_init_module)
 
-    def forward(self, latent: torch.Tensor, ids_restore: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """latent: (B, 1+K, D) encoder output with cls; ids_restore: (B, L); pos: (1, 1+L, Dd).
+    def forward(
+        self, latent: torch.Tensor, ids_restore: torch.Tensor, pos: torch.Tensor, num_prefix: int = 1
+    ) -> torch.Tensor:
+        """latent: (B, P+K, D) encoder output, P prefix tokens first; ids_restore: (B, L); pos: (1, 1+L, Dd).
 
-        Returns (B, L, p*p*3) pixel predictions for every patch (cls dropped).
+        Prefix tokens get the table's (zero) cls row, patches their grid rows. Returns (B, L, p*p*3) pixel
+        predictions for every patch (prefix dropped).
         """
         x = self.decoder_embed(latent)
         b, length = ids_restore.shape
-        masked = self.mask_token.expand(b, length + 1 - x.shape[1], -1)
-        seq = torch.cat([x[:, 1:], masked], dim=1)
-        seq = seq.gather(1, ids_restore.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
-        x = torch.cat([x[:, :1], seq], dim=1) + pos
+        prefix, kept = x[:, :num_prefix], x[:, num_prefix:]
+        masked = self.mask_token.expand(b, length - kept.shape[1], -1)
+        seq = gather_tokens(torch.cat([kept, masked], dim=1), ids_restore)
+        x = torch.cat([prefix + pos[:, :1], seq + pos[:, 1:]], dim=1)
         for block in self.decoder_blocks:
             x = block(x)
-        return self.decoder_pred(self.decoder_norm(x))[:, 1:]
+        return self.decoder_pred(self.decoder_norm(x))[:, num_prefix:]
 
 
 class MaskedAutoencoder(nn.Module):
-    """MAE = a :class:`VisionTransformer` encoder with cls token + :class:`MAEDecoder`.
+    """MAE = an encoder with the backbone API and a cls token + :class:`MAEDecoder`.
 
     Args:
-        encoder: the backbone (``pos_embed="sincos"``, ``cls_token=True``).
+        encoder: the backbone (ViT: ``pos_embed="sincos"``, ``cls_token=True``; or Sapiens2).
         decoder_dim, decoder_depth, decoder_heads: decoder shape (published: 512 / 8 / 16).
         mask_ratio: share of patches hidden per sample (0.75 published; 0.95 works).
         norm_pix_loss: regress per-patch normalised pixels (mean/var per patch, eps 1e-6).
@@ -117,7 +145,7 @@ class MaskedAutoencoder(nn.Module):
 
     def __init__(
         self,
-        encoder: VisionTransformer,
+        encoder: nn.Module,
         decoder_dim: int = 512,
         decoder_depth: int = 8,
         decoder_heads: int = 16,
@@ -125,14 +153,16 @@ class MaskedAutoencoder(nn.Module):
         norm_pix_loss: bool = True,
     ):
         super().__init__()
-        if encoder.cls_token is None:
-            raise ValueError("MAE pretraining needs an encoder built with cls_token=True")
+        if encoder.num_prefix_tokens < 1:
+            raise ValueError("MAE pretraining needs an encoder with a cls token (ViT: cls_token=True)")
         if not 0.0 <= mask_ratio < 1.0:
             raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
         self.encoder = encoder
+        # Pixels per token side: the patch size, or the 4K tokenizer's window (Sapiens2 feature_stride).
+        self.patch_size = int(getattr(encoder, "feature_stride", encoder.patch_size))
         self.decoder = MAEDecoder(
             encoder.embed_dim,
-            encoder.patch_size,
+            self.patch_size,
             encoder.grid_size,
             decoder_dim,
             decoder_depth,
@@ -152,10 +182,10 @@ class MaskedAutoencoder(nn.Module):
     def forward_encoder(
         self, imgs: torch.Tensor, mask_ratio: float, generator: torch.Generator | None = None
     ):
-        """imgs: (B, 3, H, W) -> latent (B, 1+K, D), mask (B, L), ids_restore (B, L), grid (h, w)."""
-        tokens, grid = self.encoder.patch_tokens(imgs)
-        kept, mask, ids_restore = random_masking(tokens, mask_ratio, generator)
-        latent = self.encoder.forward_blocks(self.encoder.prepend_cls(kept))
+        """imgs: (B, 3, H, W) -> latent (B, P+K, D), mask (B, L), ids_restore (B, L), grid (h, w)."""
+        tokens, grid = self.encoder.embed(imgs)
+        ids_keep, mask, ids_restore = masking_ids(*tokens.shape[:2], mask_ratio, tokens.device, generator)
+        latent = self.encoder.encode(gather_tokens(tokens, ids_keep), grid, ids_keep)
         return latent, mask, ids_restore, grid
 
     def decoder_pos(self, grid: tuple[int, int]) -> torch.Tensor:
@@ -167,7 +197,7 @@ class MaskedAutoencoder(nn.Module):
 
     def target(self, imgs: torch.Tensor) -> torch.Tensor:
         """Regression target (B, L, p*p*3): patches, normalised per patch when ``norm_pix_loss``."""
-        target = patchify(imgs, self.encoder.patch_size)
+        target = patchify(imgs, self.patch_size)
         if self.norm_pix_loss:
             mean = target.mean(dim=-1, keepdim=True)
             var = target.var(dim=-1, keepdim=True)
@@ -186,12 +216,12 @@ class MaskedAutoencoder(nn.Module):
 
         Returns loss (scalar), pred (B, L, p*p*3), mask (B, L) with 1 = masked.
         """
-        p = self.encoder.patch_size
+        p = self.patch_size
         if imgs.shape[-2] % p or imgs.shape[-1] % p:
             raise ValueError(f"image size {tuple(imgs.shape[-2:])} is not divisible by patch {p}")
         ratio = self.mask_ratio if mask_ratio is None else mask_ratio
         latent, mask, ids_restore, grid = self.forward_encoder(imgs, ratio, generator)
-        pred = self.decoder(latent, ids_restore, self.decoder_pos(grid))
+        pred = self.decoder(latent, ids_restore, self.decoder_pos(grid), self.encoder.num_prefix_tokens)
         return self.loss(imgs, pred, mask), pred, mask
 
     @torch.no_grad()
@@ -201,7 +231,7 @@ class MaskedAutoencoder(nn.Module):
         Returns (masked input, reconstruction with visible patches pasted back). With ``norm_pix_loss``
         the predicted patches are de-normalised with the true patch mean/var (the usual MAE display trick).
         """
-        p = self.encoder.patch_size
+        p = self.patch_size
         grid = (imgs.shape[-2] // p, imgs.shape[-1] // p)
         patches = patchify(imgs, p)
         if self.norm_pix_loss:

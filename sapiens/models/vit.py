@@ -19,8 +19,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
+from sapiens.models.backbone import Backbone, drop_path
 from sapiens.models.pos_embed import infer_grid, resize_pos_embed, sincos_2d
 
 LN_EPS = 1e-6
@@ -74,11 +74,7 @@ class Block(nn.Module):
         self.drop_path = drop_path
 
     def _drop(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.drop_path == 0.0:
-            return x
-        keep = 1.0 - self.drop_path
-        mask = x.new_empty(x.shape[0], *([1] * (x.ndim - 1))).bernoulli_(keep)
-        return x * mask / keep
+        return drop_path(x, self.drop_path, self.training)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, N, C) -> (B, N, C)."""
@@ -100,7 +96,7 @@ class PatchEmbed(nn.Module):
         return x.flatten(2).transpose(1, 2), (x.shape[2], x.shape[3])
 
 
-class VisionTransformer(nn.Module):
+class VisionTransformer(Backbone):
     """Sapiens ViT backbone with the timm-style model API.
 
     Args:
@@ -113,6 +109,8 @@ class VisionTransformer(nn.Module):
         drop_path_rate: stochastic depth, linearly increasing over blocks (0 in every Sapiens config).
         grad_checkpointing: recompute each block in the backward pass to save activation memory.
     """
+
+    embedding_names = ("cls_token", "pos_embed", "patch_embed")
 
     def __init__(
         self,
@@ -177,21 +175,6 @@ class VisionTransformer(nn.Module):
         """Parameter names that get no weight decay besides biases and norms."""
         return {"pos_embed", "cls_token"}
 
-    def layer_id(self, name: str) -> int:
-        """Layer index for layer-wise lr decay: 0 = embeddings, i+1 = block i, depth+1 = final norm.
-
-        With L = depth + 2 groups, the lr scale is ``decay ** (L - 1 - layer_id)``.
-        """
-        if name.startswith(("cls_token", "pos_embed", "patch_embed")):
-            return 0
-        if name.startswith("blocks."):
-            return int(name.split(".")[1]) + 1
-        return self.depth + 1
-
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Recompute blocks in the backward pass (activation checkpointing)."""
-        self.grad_checkpointing = enable
-
     # ------------------------------------------------------------------ forward
     def patch_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """Embed patches and add the (resized if needed) position embedding, without prefix tokens.
@@ -218,11 +201,21 @@ class VisionTransformer(nn.Module):
     def forward_blocks(self, x: torch.Tensor) -> torch.Tensor:
         """Run the transformer blocks and the final norm: (B, N, C) -> (B, N, C)."""
         for block in self.blocks:
-            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(block, x, use_reentrant=False)
-            else:
-                x = block(x)
+            x = self.run_block(block, x)
         return self.norm(x)
+
+    # Encoder API shared by every backbone family (see sapiens.models.factory): MAE and other pretraining
+    # objectives mask tokens between ``embed`` and ``encode``.
+    def embed(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """x: (B, 3, H, W) -> patch tokens (B, L, C), absolute positions added, and the grid (h, w)."""
+        return self.patch_tokens(x)
+
+    def encode(
+        self, tokens: torch.Tensor, grid: tuple[int, int], positions: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """tokens (B, K, C) -> normalised (B, [1 +] K, C), cls first. ``grid`` and ``positions`` (B, K) are
+        not needed: :meth:`embed` already added each token's absolute position."""
+        return self.forward_blocks(self.prepend_cls(tokens))
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, 3, H, W) -> normalised tokens (B, [1 +] h*w, C)."""
