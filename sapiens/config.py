@@ -23,7 +23,7 @@ from omegaconf.errors import MissingMandatoryValue
 from sapiens.models.factory import FAMILIES, backbone_family
 from sapiens.models.regional_compile import compile_options
 
-READERS = ("pretrain", "pose", "seg", "depth", "normal")
+READERS = ("pretrain", "pose", "seg", "depth", "normal", "pointmap")
 # Keys of the task config that are not arguments of the LightningModule.
 TASK_ONLY_KEYS = (
     "name",

@@ -5,7 +5,7 @@
   ``lr * decay ** (L - 1 - i)``; embeddings are layer 0, block ``k`` is layer ``k + 1``, the final norm and
   every head parameter are layer ``L - 1`` (scale 1).
 - The lr follows the MAE rule ``base_lr * effective_batch / 256`` when a base lr is given.
-- Schedules are per optimizer step: linear warm-up, then cosine, poly, multi-step or constant.
+- Schedules are per optimizer step: linear warm-up, then cosine, poly, linear (to 0), multi-step or constant.
 """
 
 from __future__ import annotations
@@ -79,11 +79,15 @@ def param_groups(
     return [groups[k] for k in sorted(groups)]
 
 
+KINDS = ("cosine", "poly", "linear", "multistep", "constant")
+
+
 @dataclass
 class ScheduleConfig:
     """A per-step lr multiplier: linear warm-up then ``kind``.
 
-    kind: ``cosine`` (to ``min_lr_ratio``), ``poly`` (power ``power`` to ``min_lr_ratio``), ``multistep``
+    kind: ``cosine`` (to ``min_lr_ratio``), ``poly`` (power ``power`` to ``min_lr_ratio``), ``linear``
+    (straight to ``min_lr_ratio``: Sapiens2's LinearLR warm-up + PolynomialLR(power 1)), ``multistep``
     (times ``gamma`` at each step in ``milestones`` and at each fraction of the run in
     ``milestone_fractions``, e.g. [0.81, 0.95] for the published epochs 170 and 200 of 210) or ``constant``.
     The warm-up lasts ``warmup_steps``, or ``warmup_fraction`` of the run when ``warmup_steps`` is None
@@ -101,8 +105,8 @@ class ScheduleConfig:
     gamma: float = 0.1
 
     def __post_init__(self):
-        if self.kind not in ("cosine", "poly", "multistep", "constant"):
-            raise ValueError(f"schedule kind must be cosine, poly, multistep or constant, got {self.kind!r}")
+        if self.kind not in KINDS:
+            raise ValueError(f"schedule kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
 
     def warmup(self, total_steps: int) -> int:
         """Warm-up length in steps for a run of ``total_steps``."""
@@ -125,6 +129,8 @@ class ScheduleConfig:
         progress = min(1.0, (step - warmup) / span)
         if self.kind == "cosine":
             shape = 0.5 * (1 + math.cos(math.pi * progress))
+        elif self.kind == "linear":
+            shape = 1 - progress
         else:
             shape = (1 - progress) ** self.power
         return self.min_lr_ratio + (1 - self.min_lr_ratio) * shape

@@ -105,7 +105,7 @@ def test_workers_give_identical_files(tmp_path):
     generate_dataset(one, 4, seed=3, height=64, width=48, workers=1, progress=False)
     generate_dataset(two, 4, seed=3, height=64, width=48, workers=2, progress=False)
     files = sorted(p.relative_to(one) for p in one.rglob("*") if p.is_file())
-    assert len(files) == 4 * 5 + 1
+    assert len(files) == 4 * 7 + 1  # per image: jpg, seg, depth, normal, mask, intrinsics, pointmap
     for rel in files:
         assert (one / rel).read_bytes() == (two / rel).read_bytes(), rel
 

@@ -92,7 +92,10 @@ def render_sample(
         0 background, i + 1 for ``persons[i]``; ``persons``: list (people with at least one
         pixel) of dicts with ``keypoints`` float64 (17, 3), ``foot_kpts`` float64 (6, 3)
         [x, y, v] rows, ``bbox`` [x, y, w, h] (tight pixel box), ``area`` (pixel count);
-        ``camera`` dict (focal, cx, cy).
+        ``camera`` dict (focal, cx, cy; the ray of pixel (i, j) passes through (j + 0.5, i + 0.5));
+        ``pointmap`` float32 (H, W, 3) the exact camera-frame hit points (0 on background) and
+        ``intrinsics`` {fx, fy, cx, cy} in the OpenCV convention (pixel centres at integers, so
+        cx = camera cx - 0.5): X = (j - cx) Z / fx exactly.
     """
     rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
     count = int(rng.integers(1, max_people + 1))
@@ -156,6 +159,8 @@ def render_sample(
     depth_out[fg] = fg_depth
     normal_out = np.zeros((height, width, 3), np.float32)
     normal_out[fg] = normals
+    pointmap = np.zeros((height, width, 3), np.float32)
+    pointmap[fg] = points
 
     persons, relabel = [], np.zeros(len(kept) + 1, dtype=np.uint8)
     for person, i in kept:
@@ -185,4 +190,6 @@ def render_sample(
         "instance": relabel[instance],
         "persons": persons,
         "camera": {"focal": float(cam.focal), "cx": float(cam.cx), "cy": float(cam.cy)},
+        "pointmap": pointmap,
+        "intrinsics": {"fx": cam.focal, "fy": cam.focal, "cx": cam.cx - 0.5, "cy": cam.cy - 0.5},
     }

@@ -4,7 +4,7 @@
 
 Layout written (what ``conf/data/synthhumans.yaml`` reads):
     <root>/raw/{train,val}/...                       images, annotations, segs, depths, normals, masks
-    <root>/shards/{pretrain,pose,seg,depth,normal}/{train,val}/shard-NNNNNN.tar
+    <root>/shards/{pretrain,pose,seg,depth,normal,pointmap}/{train,val}/shard-NNNNNN.tar
 A split that already has its shards is left alone, so re-running is cheap.
 """
 
@@ -17,10 +17,11 @@ from pathlib import Path
 from data.converters.coco import convert_coco
 from data.converters.dense import convert_dense
 from data.converters.images import convert_images
+from data.converters.pointmap import convert_pointmap
 from data.converters.seg import convert_seg
-from data.synthhumans.writer import generate_dataset
+from data.synthhumans.writer import SUBDIRS, generate_dataset
 
-READERS = ("pretrain", "pose", "seg", "depth", "normal")
+READERS = ("pretrain", "pose", "seg", "depth", "normal", "pointmap")
 
 
 def build_split(
@@ -40,7 +41,10 @@ def build_split(
         p.exists() for p in shards.values()
     ):
         return shards
-    if not (raw / "annotations" / "person_keypoints.json").exists():
+    # A raw split from before a label kind existed (e.g. intrinsics) is rendered again.
+    if not (raw / "annotations" / "person_keypoints.json").exists() or not all(
+        (raw / d).is_dir() for d in SUBDIRS
+    ):
         generate_dataset(raw, num, seed=seed, height=height, width=width, progress=progress)
     opts = {"max_count": max_count, "overwrite": True, "progress": False}
     convert_images(raw / "images", shards["pretrain"], **opts)
@@ -54,6 +58,9 @@ def build_split(
     convert_seg(raw / "images", raw / "segs", shards["seg"], **opts)
     convert_dense("depth", raw / "images", raw / "depths", shards["depth"], masks=raw / "masks", **opts)
     convert_dense("normal", raw / "images", raw / "normals", shards["normal"], masks=raw / "masks", **opts)
+    convert_pointmap(
+        raw / "images", raw / "depths", raw / "intrinsics", shards["pointmap"], raw / "masks", **opts
+    )
     return shards
 
 

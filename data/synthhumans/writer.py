@@ -2,7 +2,9 @@
 
 root/images/NNNNNN.jpg, root/annotations/person_keypoints.json (COCO keypoints with COCO-WholeBody
 style ``foot_kpts``), root/segs/NNNNNN.png, root/depths/NNNNNN.npy, root/normals/NNNNNN.npy,
-root/masks/NNNNNN.png. NNNNNN is the COCO image id (sample index + 1).
+root/masks/NNNNNN.png, root/intrinsics/NNNNNN.json ({fx, fy, cx, cy}, OpenCV pixel-centre convention) and
+root/pointmaps/NNNNNN.npy (exact camera-frame XYZ, (H, W, 3), 0 on background). NNNNNN is the COCO image id
+(sample index + 1).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from data.synthhumans.body import KEYPOINT_NAMES, NUM_BODY_KEYPOINTS
 from data.synthhumans.scene import render_sample
 
 JPEG_QUALITY = 92
-SUBDIRS = ("images", "annotations", "segs", "depths", "normals", "masks")
+SUBDIRS = ("images", "annotations", "segs", "depths", "normals", "masks", "intrinsics", "pointmaps")
 ANNOTATION_FILE = "annotations/person_keypoints.json"
 
 
@@ -71,6 +73,9 @@ def write_sample(root: Path, image_id: int, sample: dict[str, Any]) -> tuple[dic
     cv2.imwrite(str(root / "masks" / f"{stem}.png"), sample["mask"], png)
     np.save(root / "depths" / f"{stem}.npy", sample["depth"])
     np.save(root / "normals" / f"{stem}.npy", sample["normal"])
+    np.save(root / "pointmaps" / f"{stem}.npy", sample["pointmap"])
+    intrinsics = {k: float(v) for k, v in sample["intrinsics"].items()}
+    (root / "intrinsics" / f"{stem}.json").write_text(json.dumps(intrinsics))
     anns = []
     for i, person in enumerate(sample["persons"]):
         rle = mask_utils.encode(np.asfortranarray(sample["instance"] == i + 1, dtype=np.uint8))

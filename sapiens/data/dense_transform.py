@@ -38,14 +38,18 @@ IMAGE_STD = np.array(normalize.IMAGE_STD, dtype=np.float32)
 GOLIATH_SEG_SWAP_PAIRS: tuple[tuple[int, int], ...] = (
     (4, 13), (5, 14), (6, 15), (7, 16), (8, 17), (9, 18), (10, 19), (11, 20),
 )  # fmt: skip
-TASKS = ("seg", "depth", "normal")
+# Sapiens2's 29 classes add Eyeglass at id 2, so its pairs are Goliath's shifted by one (5<->14 ... 12<->21).
+SAPIENS2_SEG_SWAP_PAIRS: tuple[tuple[int, int], ...] = tuple(
+    (a + 1, b + 1) for a, b in GOLIATH_SEG_SWAP_PAIRS
+)
+TASKS = ("seg", "depth", "normal", "pointmap")
 
 
 class DenseTransform:
     """Decoded sample dict -> augmented torch tensors (image uint8, labels as below).
 
     Args:
-        task: "seg", "depth" or "normal".
+        task: "seg", "depth", "normal" or "pointmap" (depth + intrinsics; no rotation).
         input_size: (H, W) of the network input, e.g. (1024, 768).
         train: random augmentation if True; otherwise a plain resize to ``input_size``.
         scale_range: (min, max) zoom factor, uniform.
@@ -55,22 +59,29 @@ class DenseTransform:
         photometric: random brightness / contrast / saturation / hue (mmseg
             PhotoMetricDistortion ranges) on the image in train mode.
         swap_pairs: label-id pairs swapped by a flip (seg only).
+        label_map: seg ids are first mapped ``id -> label_map[id]`` (ids past its end are kept), e.g.
+            Goliath's 28 classes onto Sapiens2's 29 (which inserts Eyeglass at 2).
+        min_valid_pixels, max_valid_fraction, min_valid_depth: pointmap sample filters applied after the
+            augmentation (published 16, 0.96, 0.04 m): a sample with fewer valid pixels, a larger valid share
+            or a nearer valid depth is dropped (the transform returns None).
         normals_y_down: camera-space normals have +y pointing down the image (OpenCV camera).
             Set False for +y up (OpenGL); the rotation of the vectors then uses the mirrored angle.
 
     Input sample: {"key": str, "image": (H, W, 3) uint8 RGB, and per task
     "seg": (H, W) uint8 ids (255 ignore) | "depth": (H, W) float32 + "mask": (H, W) bool/uint8 |
-    "normal": (H, W, 3) float32 + "mask"}.
+    "normal": (H, W, 3) float32 + "mask" | "pointmap": "depth" + "mask" + "intrinsics" (3, 3) K, pixel
+    centres at integer coordinates}.
 
     Output: {"key": str, "image": (3, h, w) uint8 RGB (normalised on the device by
     ``sapiens.data.normalize.normalize_images``), and
     "seg": (h, w) int64 | "depth": (h, w) float32 + "mask": (h, w) bool |
-    "normal": (3, h, w) float32 + "mask": (h, w) bool}.
+    "normal": (3, h, w) float32 + "mask": (h, w) bool | "pointmap": "depth" + "mask" + "intrinsics" (3, 3)
+    float32, K of the output pixels (zoom, crop and flip applied to it)}.
     """
 
     def __init__(
         self,
-        task: Literal["seg", "depth", "normal"],
+        task: Literal["seg", "depth", "normal", "pointmap"],
         input_size: Sequence[int],
         train: bool,
         scale_range: Sequence[float] = (0.5, 2.0),
@@ -80,6 +91,10 @@ class DenseTransform:
         photometric: bool = True,
         swap_pairs: Sequence[Sequence[int]] = GOLIATH_SEG_SWAP_PAIRS,
         normals_y_down: bool = True,
+        label_map: Sequence[int] | None = None,
+        min_valid_pixels: int = 16,
+        max_valid_fraction: float = 0.96,
+        min_valid_depth: float = 0.04,
     ) -> None:
         if task not in TASKS:
             raise ValueError(f"DenseTransform: task must be one of {TASKS}, got {task!r}")
@@ -87,6 +102,11 @@ class DenseTransform:
             raise ValueError(f"DenseTransform: input_size must be (H, W), got {input_size}")
         if len(scale_range) != 2 or not 0 < scale_range[0] <= scale_range[1]:
             raise ValueError(f"DenseTransform: scale_range must be (min, max) > 0, got {scale_range}")
+        if task == "pointmap" and train and rotate > 0:
+            raise ValueError(
+                "DenseTransform: rotate must be 0 for pointmap (a rotated crop is no pinhole camera with "
+                "these intrinsics)"
+            )
         self.task = task
         self.input_size = (int(input_size[0]), int(input_size[1]))
         self.train = train
@@ -99,11 +119,18 @@ class DenseTransform:
         self.flip_lut = np.arange(256, dtype=np.uint8)
         for a, b in swap_pairs:
             self.flip_lut[a], self.flip_lut[b] = b, a
+        self.label_lut = np.arange(256, dtype=np.uint8)
+        if label_map is not None:
+            self.label_lut[: len(label_map)] = np.asarray(label_map, dtype=np.uint8)
+        self.filters = (int(min_valid_pixels), float(max_valid_fraction), float(min_valid_depth))
 
     # ------------------------------------------------------------------ entry point
-    def __call__(self, sample: Mapping[str, Any], rng: np.random.Generator | None = None) -> dict[str, Any]:
-        """Transform one decoded sample (see class doc). ``rng`` defaults to one seeded from
-        torch's RNG, so ``torch.manual_seed`` / per-worker seeding make runs reproducible."""
+    def __call__(
+        self, sample: Mapping[str, Any], rng: np.random.Generator | None = None
+    ) -> dict[str, Any] | None:
+        """Transform one decoded sample (see class doc); None when a pointmap filter drops it. ``rng``
+        defaults to one seeded from torch's RNG, so ``torch.manual_seed`` / per-worker seeding make runs
+        reproducible."""
         arrays = self._validated(sample)
         if rng is None:
             rng = np.random.default_rng(int(torch.randint(0, 2**62, (1,)).item()))
@@ -112,6 +139,8 @@ class DenseTransform:
             matrix, angle = self._random_affine(arrays["image"].shape[:2], rng)
             arrays = self._warp(arrays, matrix)
             flip = rng.random() < self.flip_prob
+        elif self.task == "pointmap":  # an explicit matrix, so that K follows the pixels exactly
+            arrays = self._warp(arrays, self._stretch(arrays["image"].shape[:2]))
         else:
             arrays = self._resize(arrays)
         if self.task == "normal":
@@ -124,9 +153,12 @@ class DenseTransform:
         out: dict[str, Any] = {"key": sample.get("key", ""), "image": normalize.image_to_tensor(image)}
         if self.task == "seg":
             out["seg"] = torch.from_numpy(np.ascontiguousarray(arrays["seg"])).long()
-        elif self.task == "depth":
+        elif self.task in ("depth", "pointmap"):
             out["depth"] = torch.from_numpy(np.ascontiguousarray(arrays["depth"], np.float32))
             out["mask"] = torch.from_numpy(np.ascontiguousarray(arrays["mask"]))
+            if self.task == "pointmap":
+                out["intrinsics"] = torch.from_numpy(arrays["intrinsics"].astype(np.float32))
+                return out if self._keep(arrays["depth"], arrays["mask"]) else None
         else:
             normal = np.ascontiguousarray(arrays["normal"].transpose(2, 0, 1), np.float32)
             out["normal"] = torch.from_numpy(normal)
@@ -144,7 +176,7 @@ class DenseTransform:
             raise ValueError(f"sample {key!r}: 'image' must be uint8, got {image.dtype}")
         size = image.shape[:2]
         arrays = {"image": image}
-        label_key = self.task
+        label_key = "depth" if self.task == "pointmap" else self.task
         label = sample.get(label_key)
         expected = (*size, 3) if self.task == "normal" else size
         if not isinstance(label, np.ndarray) or label.shape != expected:
@@ -156,7 +188,7 @@ class DenseTransform:
         if self.task == "seg":
             if label.dtype != np.uint8:
                 raise ValueError(f"sample {key!r}: 'seg' must be uint8 class ids, got {label.dtype}")
-            arrays["seg"] = label
+            arrays["seg"] = self.label_lut[label]
             return arrays
         mask = sample.get("mask")
         if isinstance(mask, np.ndarray) and mask.ndim == 3 and mask.shape[2] == 1:
@@ -169,7 +201,21 @@ class DenseTransform:
             )
         arrays[label_key] = label.astype(np.float32, copy=False)
         arrays["mask"] = mask > 0
+        if self.task == "pointmap":
+            k = np.asarray(sample.get("intrinsics"), dtype=np.float64)
+            if k.shape != (3, 3) or not np.all(np.isfinite(k)) or k[0, 0] <= 0 or k[1, 1] <= 0:
+                raise ValueError(
+                    f"sample {key!r}: pointmap needs 'intrinsics' K (3, 3) with fx, fy > 0, got {k}"
+                )
+            arrays["intrinsics"] = k
         return arrays
+
+    def _keep(self, depth: np.ndarray, mask: np.ndarray) -> bool:
+        """The published pointmap sample filters (class doc)."""
+        min_pixels, max_fraction, min_depth = self.filters
+        valid = mask & (depth > 0)
+        count = int(valid.sum())
+        return min_pixels <= count <= max_fraction * valid.size and float(depth[valid].min()) >= min_depth
 
     # ------------------------------------------------------------------ geometry
     def _random_affine(
@@ -189,7 +235,7 @@ class DenseTransform:
         rotation = np.array([[cos, sin], [-sin, cos]])
         stretch = np.diag([out_w / src_w, out_h / src_h]) * zoom
         linear = rotation @ stretch
-        src_centre = np.array([(src_w - 1) / 2, (src_h - 1) / 2])
+        src_centre = np.array([(src_w - 1) / 2, (src_h - 1) / 2])  # pixel centres at integers
         out_centre = np.array([(out_w - 1) / 2 + shift_x, (out_h - 1) / 2 + shift_y])
         offset = out_centre - linear @ src_centre
         return np.hstack([linear, offset[:, None]]), angle
@@ -208,12 +254,23 @@ class DenseTransform:
             )
 
         result = {"image": warp(arrays["image"], cv2.INTER_LINEAR, 0)}
+        if "intrinsics" in arrays:  # u' = A u + b for every pixel, so K' = [[A, b], [0, 1]] K
+            result["intrinsics"] = np.vstack([matrix, [0.0, 0.0, 1.0]]) @ arrays["intrinsics"]
         if self.task == "seg":
             result["seg"] = warp(arrays["seg"], cv2.INTER_NEAREST, 0)
+        elif self.task == "pointmap":
+            result["depth"] = warp(arrays["depth"], cv2.INTER_NEAREST, 0)
+            result["mask"] = warp(arrays["mask"].astype(np.uint8), cv2.INTER_NEAREST, 0) > 0
         else:
             result[self.task] = warp(arrays[self.task], cv2.INTER_NEAREST, 0)
             result["mask"] = warp(arrays["mask"].astype(np.uint8), cv2.INTER_NEAREST, 0) > 0
         return result
+
+    def _stretch(self, source_size: tuple[int, int]) -> np.ndarray:
+        """2x3 matrix of the plain resize to ``input_size`` with pixel centres mapped onto pixel centres."""
+        (src_h, src_w), (out_h, out_w) = source_size, self.input_size
+        ax, ay = out_w / src_w, out_h / src_h
+        return np.array([[ax, 0.0, 0.5 * ax - 0.5], [0.0, ay, 0.5 * ay - 0.5]])
 
     def _resize(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         out_h, out_w = self.input_size
@@ -246,7 +303,11 @@ class DenseTransform:
         return normal.astype(np.float32)
 
     def _flip(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        flipped = {name: array[:, ::-1] for name, array in arrays.items()}
+        flipped = {name: array[:, ::-1] for name, array in arrays.items() if name != "intrinsics"}
+        if "intrinsics" in arrays:  # u' = W - 1 - u: cx' = W - 1 - cx and X flips sign (a mirrored world)
+            k = arrays["intrinsics"].copy()
+            k[0, 2] = self.input_size[1] - 1 - k[0, 2]
+            flipped["intrinsics"] = k
         if self.task == "seg":
             flipped["seg"] = self.flip_lut[flipped["seg"]]
         elif self.task == "normal":

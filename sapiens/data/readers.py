@@ -13,7 +13,10 @@ Shard schemas (what ``data/make_shards.py`` writes; one tar member per entry, ``
   (K rows in the keypoint set's order, v = 0 unlabelled / 1 occluded / 2 visible);
 - seg: ``jpg`` + ``seg.png`` (8-bit class ids, 255 = ignore);
 - depth: ``jpg`` + ``depth.npy`` (H, W) float + ``mask.png`` (nonzero = valid);
-- normal: ``jpg`` + ``normal.npy`` (H, W, 3) float unit vectors + ``mask.png``.
+- normal: ``jpg`` + ``normal.npy`` (H, W, 3) float unit vectors + ``mask.png``;
+- pointmap: ``jpg`` + ``depth.npy`` (H, W) float camera z in metres (0 = unknown) + ``mask.png`` +
+  ``intrinsics.json`` = ``{"fx", "fy", "cx", "cy"}`` in the image's pixels, pixel centres at integer
+  coordinates (OpenCV), so X = (u - cx) Z / fx for the pixel in column u.
 """
 
 from __future__ import annotations
@@ -271,12 +274,46 @@ def read_normal(sample: dict[str, Any]) -> dict[str, Any]:
     return {"image": image, "key": _key(sample), "normal": normal, "mask": mask}
 
 
+def parse_intrinsics(data: Any) -> np.ndarray:
+    """``{"fx", "fy", "cx", "cy"}`` or ``{"K": 3x3}`` -> K (3, 3) float64.
+
+    Raises:
+        ValueError: missing keys, non-numbers, non-finite values or a focal length <= 0.
+    """
+    if not isinstance(data, dict):
+        raise ValueError(f"expected an object with fx, fy, cx, cy (or K), got {type(data).__name__}")
+    try:
+        if "K" in data:
+            k = np.asarray(data["K"], dtype=np.float64)
+        else:
+            fx, fy, cx, cy = (float(data[name]) for name in ("fx", "fy", "cx", "cy"))
+            k = np.array([[fx, 0.0, cx], [0.0, fy, cy], [0.0, 0.0, 1.0]])
+    except (KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"needs numbers fx, fy, cx, cy (or a 3x3 K); {err!r}") from None
+    if k.shape != (3, 3) or not np.all(np.isfinite(k)) or k[0, 0] <= 0 or k[1, 1] <= 0:
+        raise ValueError(f"K must be 3x3, finite, with fx, fy > 0; got {k.tolist()}")
+    return k
+
+
+def read_pointmap(sample: dict[str, Any]) -> dict[str, Any]:
+    """Pointmap sample -> ``{"image", "key", "depth": float32 (H, W), "mask": bool (H, W),
+    "intrinsics": float64 (3, 3)}``."""
+    out = read_depth(sample)
+    raw = _entry(sample, "intrinsics.json")
+    try:
+        out["intrinsics"] = parse_intrinsics(json.loads(raw))
+    except (UnicodeDecodeError, json.JSONDecodeError, ValueError) as err:
+        raise _fail(sample, f"'intrinsics.json': {err}") from None
+    return out
+
+
 READERS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
     "pretrain": read_pretrain,
     "pose": read_pose,
     "seg": read_seg,
     "depth": read_depth,
     "normal": read_normal,
+    "pointmap": read_pointmap,
 }
 
 
@@ -287,7 +324,8 @@ ENCODED_READERS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
 
 
 def get_reader(name: str | Callable[[dict[str, Any]], dict[str, Any]], encoded: bool = False) -> Callable:
-    """Look up a reader by name (``pretrain``, ``pose``, ``seg``, ``depth``, ``normal``) or pass a
+    """Look up a reader by name (``pretrain``, ``pose``, ``seg``, ``depth``, ``normal``, ``pointmap``) or
+    pass a
     callable through. ``encoded``: prefer the variant that leaves images encoded, if there is one."""
     if callable(name):
         return name

@@ -1,4 +1,5 @@
-"""Fine-tuning LightningModule: a Sapiens backbone + one task (pose, seg, depth or normal).
+"""Fine-tuning LightningModule: a backbone (Sapiens ViT or Sapiens2) + one task (pose, seg, depth, normal or
+pointmap).
 
 Wiring only: the backbone turns images into a (B, C, H/16, W/16) feature map, the task
 (:mod:`sapiens.tasks`) owns the head, loss, decoding, metrics and pictures.
@@ -88,7 +89,11 @@ class FinetuneModule(SapiensModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = self.task.loss(self(batch["image"]), batch)
-        self.log_train_loss(loss, batch_size=batch["image"].shape[0])
+        size = batch["image"].shape[0]
+        self.log_train_loss(loss, batch_size=size)
+        if self.trainer._logger_connector.should_update_logs:  # logging steps only, as log_train_loss
+            for name, value in getattr(self.task, "loss_terms", {}).items():  # tasks with several terms
+                self.log(f"train/loss_{name}", value.float(), on_step=True, batch_size=size)
         return self.guard_loss(loss)
 
     def on_validation_epoch_start(self) -> None:
@@ -106,12 +111,14 @@ class FinetuneModule(SapiensModule):
         )
         self.task.update_metrics(outputs, batch)
         if batch_idx == 0 and self.num_pictures:
-            self._picture_batch = (batch, outputs.detach())
+            self._picture_batch = (batch, _detach(outputs))
 
     def on_validation_epoch_end(self) -> None:
         metrics = self.task.compute_metrics()
         for name, value in metrics.items():
-            self.log(f"val/{name}", value, prog_bar=name in ("AP", "mIoU", "rmse", "mean_angular_error"))
+            self.log(
+                f"val/{name}", value, prog_bar=name in ("AP", "mIoU", "rmse", "mean_angular_error", "l2")
+            )
         report = self.task.report() if metrics else None
         if report and self.trainer.is_global_zero and not self.trainer.sanity_checking:
             path = Path(self.trainer.default_root_dir) / "val_report.md"
@@ -135,3 +142,11 @@ class FinetuneModule(SapiensModule):
             if isinstance(logger, WandbLogger):
                 logger.log_image(f"val/{self.task.name}_predictions", [picture], step=step)
         return path
+
+
+def _detach(outputs):
+    """A head's output (a tensor, or a tuple of tensors such as the pointmap head's) without its graph."""
+    if isinstance(outputs, torch.Tensor):
+        return outputs.detach()
+    detached = [o.detach() for o in outputs]
+    return type(outputs)(*detached) if hasattr(outputs, "_fields") else type(outputs)(detached)

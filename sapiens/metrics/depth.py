@@ -58,15 +58,18 @@ class DepthMetrics(Metric):
 
     Args:
         min_depth: GT values <= this are invalid; aligned predictions are clamped to it.
+        align: fit the per-image scale and shift (step 2); False compares metric depth as predicted
+            (Sapiens2 pointmaps: Z / predicted scale).
     """
 
     is_differentiable = False
     higher_is_better = None
     full_state_update = False
 
-    def __init__(self, min_depth: float = 1e-3, **kwargs) -> None:
+    def __init__(self, min_depth: float = 1e-3, align: bool = True, **kwargs) -> None:
         super().__init__(**kwargs)
         self.min_depth = min_depth
+        self.align = align
         for name in METRIC_NAMES:
             self.add_state(f"sum_{name}", default=torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("num_images", default=torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
@@ -94,7 +97,10 @@ class DepthMetrics(Metric):
         valid = torch.isfinite(target) & (target > self.min_depth) & torch.isfinite(pred)
         if mask is not None:
             valid = valid & mask.bool()
-        scale, shift = align_scale_shift(pred, target, valid)
+        if self.align:
+            scale, shift = align_scale_shift(pred, target, valid)
+        else:
+            scale, shift = torch.ones_like(pred[:, 0, 0]), torch.zeros_like(pred[:, 0, 0])
         aligned = (scale[:, None, None] * pred + shift[:, None, None]).clamp(min=self.min_depth)
         safe_target = torch.where(valid, target, torch.ones_like(target))
         aligned = torch.where(valid, aligned, torch.ones_like(aligned))

@@ -44,6 +44,17 @@ def angular_error_deg(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return torch.where(nonzero, angle, torch.full_like(angle, float("nan")))
 
 
+def add_error_states(metric: Metric, num_thresholds: int) -> None:
+    """Pixel-level error sums summed over DDP ranks: ``sum_error``, ``sum_sq_error`` (float64),
+    ``num_pixels`` and ``num_within`` (one count per threshold)."""
+    for name in ("sum_error", "sum_sq_error"):
+        metric.add_state(name, default=torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+    metric.add_state("num_pixels", default=torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
+    metric.add_state(
+        "num_within", default=torch.zeros(num_thresholds, dtype=torch.long), dist_reduce_fx="sum"
+    )
+
+
 class NormalMetrics(Metric):
     """Mean / median / RMSE angular error (degrees) and % of pixels under 11.25 / 22.5 / 30 deg."""
 
@@ -53,15 +64,7 @@ class NormalMetrics(Metric):
 
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
-        f64 = torch.float64
-        self.add_state("sum_error", default=torch.zeros((), dtype=f64), dist_reduce_fx="sum")
-        self.add_state("sum_sq_error", default=torch.zeros((), dtype=f64), dist_reduce_fx="sum")
-        self.add_state("num_pixels", default=torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
-        self.add_state(
-            "num_within",
-            default=torch.zeros(len(THRESHOLDS_DEG), dtype=torch.long),
-            dist_reduce_fx="sum",
-        )
+        add_error_states(self, len(THRESHOLDS_DEG))
         self.add_state("histogram", default=torch.zeros(NUM_BINS, dtype=torch.long), dist_reduce_fx="sum")
 
     def update(self, pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> None:

@@ -15,6 +15,7 @@ from torch.utils.checkpoint import checkpoint
 class Backbone(nn.Module):
     """Base class of the backbone families (the subclass sets ``depth`` and ``grad_checkpointing``)."""
 
+    family: str = ""  # the name in sapiens.models.factory.FAMILIES (and sapiens.checkpoints.LAYOUTS)
     # Parameter-name prefixes of layer 0 (tokens, embeddings).
     embedding_names: tuple[str, ...] = ()
     depth: int

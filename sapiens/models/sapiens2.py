@@ -205,6 +205,7 @@ class Sapiens2(Backbone):
     """
 
     # layer 0 of layer-wise lr decay (published base_runner rule; rope_embed holds no parameter)
+    family = "sapiens2"  # key table in sapiens.checkpoints.sapiens2
     embedding_names = ("cls_token", "register_tokens", "patch_embed", "tokenizer")
 
     def __init__(

@@ -110,6 +110,7 @@ class VisionTransformer(Backbone):
         grad_checkpointing: recompute each block in the backward pass to save activation memory.
     """
 
+    family = "vit"  # key table in sapiens.checkpoints.vit
     embedding_names = ("cls_token", "pos_embed", "patch_embed")
 
     def __init__(

@@ -1,17 +1,19 @@
 """Surface normals: 3-channel output at stride 2, cosine + L1 loss on the foreground, angular-error
-metrics (mean, median, % within 11.25 / 22.5 / 30 degrees).
+metrics (mean, median, % within 11.25 / 22.5 / 30 degrees). Sapiens2: the pixel-shuffle head at stride 1
+(``head``) and cosine (10) + L1 (1) + finite-difference (10) loss weights.
 
 Batches: ``image`` (B, 3, H, W), ``normal`` (B, 3, H, W) unit camera-space normals, ``mask`` (B, H, W).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
 
 from sapiens.losses import NormalLoss
+from sapiens.losses_sapiens2 import NormalGradientLoss
 from sapiens.metrics.normals import NormalMetrics
 from sapiens.models.heads import SEG_CONV_CHANNELS, SEG_DECONV_CHANNELS, DenseHead
 from sapiens.tasks.base import Task
@@ -25,6 +27,10 @@ class NormalTask(Task):
         in_channels: backbone width.
         image_size: (H, W) input size (unused; part of the common task signature).
         deconv_channels, conv_channels, dropout: head shape.
+        head: ``fn(in_channels, out_channels)`` building another head (a Hydra partial, e.g.
+            :class:`sapiens.models.heads_sapiens2.NormalHead`); None = ``DenseHead`` with the widths above.
+        cosine_weight, l1_weight: weights of the cosine and L1 terms (Sapiens 1 / 1, Sapiens2 10 / 1).
+        grad_weight: weight of the finite-difference MSE term (Sapiens2 10; 0 = off).
     """
 
     name = "normal"
@@ -36,14 +42,26 @@ class NormalTask(Task):
         deconv_channels: Sequence[int] = SEG_DECONV_CHANNELS,
         conv_channels: Sequence[int] = SEG_CONV_CHANNELS,
         dropout: float = 0.1,
+        head: Callable[..., torch.nn.Module] | None = None,
+        cosine_weight: float = 1.0,
+        l1_weight: float = 1.0,
+        grad_weight: float = 0.0,
     ):
         super().__init__()
-        self.head = DenseHead(in_channels, 3, tuple(deconv_channels), tuple(conv_channels), dropout)
-        self.loss_fn = NormalLoss()
+        if head is None:
+            self.head = DenseHead(in_channels, 3, tuple(deconv_channels), tuple(conv_channels), dropout)
+        else:
+            self.head = head(in_channels=in_channels, out_channels=3)
+        self.loss_fn = NormalLoss(cosine_weight, l1_weight)
+        self.grad_loss = NormalGradientLoss() if grad_weight else None
+        self.grad_weight = grad_weight
         self.metric = NormalMetrics()
 
     def loss(self, outputs: torch.Tensor, batch: dict) -> torch.Tensor:
-        return self.loss_fn(outputs, batch["normal"], batch["mask"])
+        loss = self.loss_fn(outputs, batch["normal"], batch["mask"])
+        if self.grad_loss is None:
+            return loss
+        return loss + self.grad_weight * self.grad_loss(outputs, batch["normal"], batch["mask"])
 
     def update_metrics(self, outputs: torch.Tensor, batch: dict) -> None:
         self.metric.update(outputs, batch["normal"], batch["mask"])

@@ -53,6 +53,10 @@ class PoseTask(Task):
         image_size: (H, W) of the person crops.
         keypoint_set: name or YAML path of the label space (coco17, coco_wholebody133, goliath308...).
         deconv_channels, conv_channels: head widths (published 768, 768).
+        head: ``fn(in_channels, out_channels)`` building another head layout instead (a Hydra partial, e.g.
+            :class:`sapiens.models.heads_sapiens2.PoseHeatmapHead` with its widths); None = Sapiens'
+            ``HeatmapHead`` with ``deconv_channels`` / ``conv_channels``.
+        loss_weight: multiplier of the keypoint loss (Sapiens 1, Sapiens2 10).
         sigma: Gaussian sigma of the targets in heatmap pixels (published 6 at 256x192).
         loss: ``mse`` or ``ohkm`` (top-k hardest keypoints, used for Goliath 0.3b / 1b).
         ohkm_topk: k for OHKM.
@@ -76,14 +80,23 @@ class PoseTask(Task):
         flip_test: bool = True,
         part_groups: Sequence[str] = (),
         results_file: str | None = None,
+        head: Callable[..., torch.nn.Module] | None = None,
+        loss_weight: float = 1.0,
     ):
         super().__init__()
         self.kset = load_keypoint_set(keypoint_set)
         k = self.kset.num_keypoints
-        self.head = HeatmapHead(in_channels, k, tuple(deconv_channels), tuple(conv_channels))
+        if head is None:
+            self.head = HeatmapHead(in_channels, k, tuple(deconv_channels), tuple(conv_channels))
+        else:
+            self.head = head(in_channels=in_channels, out_channels=k)
         if loss not in ("mse", "ohkm"):
             raise ValueError(f"pose loss must be 'mse' or 'ohkm', got {loss!r}")
-        self.loss_fn = KeypointMSELoss() if loss == "mse" else KeypointOHKMMSELoss(topk=ohkm_topk)
+        self.loss_fn = (
+            KeypointMSELoss(loss_weight=loss_weight)
+            if loss == "mse"
+            else KeypointOHKMMSELoss(topk=ohkm_topk, loss_weight=loss_weight)
+        )
         h, w = (int(s) for s in image_size)
         self.input_size = (w, h)
         self.codec = UDPHeatmap(input_size=(w, h), heatmap_size=(w // 4, h // 4), sigma=sigma)

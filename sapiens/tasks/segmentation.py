@@ -1,17 +1,19 @@
-"""Body-part segmentation: 28-class logits at stride 2, class-weighted cross-entropy, mIoU / mAcc.
+"""Body-part segmentation: 28-class logits at stride 2, class-weighted cross-entropy, mIoU / mAcc (Sapiens);
+29 classes at stride 1 with class-weighted CE + Dice (Sapiens2: ``head`` + ``dice_weight``).
 
 Batches: ``image`` (B, 3, H, W) and ``seg`` (B, H, W) int64 class ids with 255 = ignore.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
 
 from sapiens.labels import load_class_list
 from sapiens.losses import GOLIATH_CLASS_WEIGHTS, WeightedCrossEntropy
+from sapiens.losses_sapiens2 import SAPIENS2_CLASS_WEIGHTS, DiceLoss
 from sapiens.metrics.segmentation import SegmentationMetrics
 from sapiens.models.heads import SEG_CONV_CHANNELS, SEG_DECONV_CHANNELS, DenseHead
 from sapiens.tasks.base import Task
@@ -24,9 +26,12 @@ class SegmentationTask(Task):
     Args:
         in_channels: backbone width.
         image_size: (H, W) input size (unused; part of the common task signature).
-        class_list: name or YAML path of the classes (goliath_parts28).
-        class_weight: per-class CE weights; ``goliath`` = the published weights, None = uniform.
+        class_list: name or YAML path of the classes (goliath_parts28, sapiens2_parts29).
+        class_weight: per-class CE weights; ``goliath`` / ``sapiens2``: the published ones, None: uniform.
         deconv_channels, conv_channels, dropout: head shape (published 768 x3, 768 x3, 0.1).
+        head: ``fn(in_channels, out_channels)`` building another head (a Hydra partial); None = ``DenseHead``
+            with the widths above.
+        dice_weight: weight of a softmax Dice term over the foreground classes (Sapiens2: 1.0; 0 = off).
     """
 
     name = "seg"
@@ -40,19 +45,27 @@ class SegmentationTask(Task):
         deconv_channels: Sequence[int] = SEG_DECONV_CHANNELS,
         conv_channels: Sequence[int] = SEG_CONV_CHANNELS,
         dropout: float = 0.1,
+        head: Callable[..., torch.nn.Module] | None = None,
+        dice_weight: float = 0.0,
     ):
         super().__init__()
         self.classes = load_class_list(class_list)
         n = self.classes.num_classes
-        self.head = DenseHead(in_channels, n, tuple(deconv_channels), tuple(conv_channels), dropout)
-        weights = list(GOLIATH_CLASS_WEIGHTS) if class_weight == "goliath" else class_weight
+        if head is None:
+            self.head = DenseHead(in_channels, n, tuple(deconv_channels), tuple(conv_channels), dropout)
+        else:
+            self.head = head(in_channels=in_channels, out_channels=n)
+        published = {"goliath": GOLIATH_CLASS_WEIGHTS, "sapiens2": SAPIENS2_CLASS_WEIGHTS}
+        weights = list(published[class_weight]) if class_weight in published else class_weight
         if weights is not None and len(weights) != n:
             raise ValueError(f"class_weight has {len(weights)} entries for {n} classes")
         self.loss_fn = WeightedCrossEntropy(class_weight=weights, ignore_index=255)
+        self.dice = DiceLoss(ignore_index=255, loss_weight=dice_weight) if dice_weight else None
         self.metric = SegmentationMetrics(n, ignore_index=255, class_names=self.classes.names)
 
     def loss(self, outputs: torch.Tensor, batch: dict) -> torch.Tensor:
-        return self.loss_fn(outputs, batch["seg"])
+        loss = self.loss_fn(outputs, batch["seg"])
+        return loss if self.dice is None else loss + self.dice(outputs, batch["seg"])
 
     def update_metrics(self, outputs: torch.Tensor, batch: dict) -> None:
         self.metric.update(outputs, batch["seg"])
