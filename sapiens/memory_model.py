@@ -1,4 +1,4 @@
-"""How much GPU memory does a Sapiens ViT need per GPU, per ZeRO stage? An analytic model.
+"""How much GPU memory does a Sapiens ViT or Sapiens2 backbone need per GPU, per ZeRO stage? Analytic model.
 
 Run ``python -m sapiens.memory_model [--gpus 8] [--height 1024 --width 768] [--batch 1]`` for a
 Markdown table per model size. Everything is a formula (below); nothing is measured, so use it to
@@ -32,6 +32,17 @@ Activations saved for backward, per sample, in bf16 (v = 2 bytes/value), with th
     no checkpointing       L A + S
     block checkpointing    L v T d + A + S     (each block keeps only its input; one block's
                                                 activations live again while it is recomputed)
+Sapiens2 (``family="sapiens2"``; width d, h heads of width e = d / h, kv KV heads in the grouped blocks, 8
+registers): parameters per block 14 d^2 + 2 d k + 14 d + 2 k + 2 e with k = kv e (= 16 d^2 + 16 d + 2 e with
+full multi-head attention), stem 3 p^2 d + d + 9 d, final norm d. Activations per block, T = patches + 9
+prefix tokens, r = kv / h, measured against autograd's saved tensors in bf16:
+    A = v T d (36 + 4 r) + 4 T (2 + h + kv) + 4 T h
+      RMSNorm as PyTorch decomposes it keeps fp32 copies of its input and normalised output (4 units per norm:
+      norm1, norm2, q-norm, and 4 r for k-norm) and fp32 rstd; wq/wk/wv input, q, expanded k and v, the
+      attention output (4), proj input, layer-scale input, w12 input (3), w12 output 8, SiLU output 4, w3
+      input 4; the fp32 softmax log-sum-exp. A fused RMSNorm kernel would save less.
+    stem S = v 3 H W + 4 v T d + 4 T    (image, final norm)
+
 Not modelled: task heads and their activations, CUDA context (~0.5-1 GiB), allocator
 fragmentation, temporary buffers, DeepSpeed communication buckets (Lightning docs: ~3.6 GB for the
 2e8 defaults), and autocast keeping the residual stream in fp32 (~+4 T d bytes per block).
@@ -55,6 +66,14 @@ class VitShape:
     num_heads: int
     patch_size: int = 16
     mlp_ratio: float = 4.0
+    family: str = "vit"  # or "sapiens2"
+    num_kv_heads: int = 0  # Sapiens2: KV heads of the grouped blocks (all but the first and last 8)
+
+    def kv_heads(self) -> list[int]:
+        """KV heads per block (Sapiens2: heads in the first and last 8 blocks, ``num_kv_heads`` between)."""
+        return [
+            self.num_heads if i < 8 or i >= self.depth - 8 else self.num_kv_heads for i in range(self.depth)
+        ]
 
 
 SAPIENS_SIZES: dict[str, VitShape] = {
@@ -64,6 +83,11 @@ SAPIENS_SIZES: dict[str, VitShape] = {
         VitShape("sapiens_0.6b", 1280, 32, 16),
         VitShape("sapiens_1b", 1536, 40, 24),
         VitShape("sapiens_2b", 1920, 48, 32),
+        VitShape("sapiens2_0.1b", 768, 12, 12, family="sapiens2", num_kv_heads=6),
+        VitShape("sapiens2_0.4b", 1024, 24, 16, family="sapiens2", num_kv_heads=8),
+        VitShape("sapiens2_0.8b", 1280, 32, 16, family="sapiens2", num_kv_heads=8),
+        VitShape("sapiens2_1b", 1536, 40, 24, family="sapiens2", num_kv_heads=12),
+        VitShape("sapiens2_5b", 2432, 56, 32, family="sapiens2", num_kv_heads=16),
     )
 }
 
@@ -73,7 +97,15 @@ PUBLISHED_BACKBONE_PARAMS: dict[str, float] = {
     "sapiens_0.6b": 0.636e9,
     "sapiens_1b": 1.141e9,
     "sapiens_2b": 2.134e9,
+    # Sapiens2: the reference's count from the published key layout (its README says 0.114 / 0.398 / 0.818
+    # / 1.462 / 5.071 B; the gap for 0.4b-5b is unexplained, see tests/test_sapiens2.py).
+    "sapiens2_0.1b": 113.99e6,
+    "sapiens2_0.4b": 395.45e6,
+    "sapiens2_0.8b": 814.28e6,
+    "sapiens2_1b": 1455.47e6,
+    "sapiens2_5b": 5066.90e6,
 }
+SAPIENS2_PREFIX = 9  # cls + 8 registers
 
 BF16_BYTES = 2
 FP32_BYTES = 4
@@ -94,6 +126,10 @@ def count_parameters(shape: VitShape, height: int, width: int, cls_token: bool) 
         height, width: image size the position table is built for (pixels, multiples of the patch).
         cls_token: True for the pretraining layout (cls token + its position row).
     """
+    if shape.family == "sapiens2":  # no position table, no cls choice: the same count at any size
+        d, e = shape.embed_dim, shape.embed_dim // shape.num_heads
+        blocks = sum(14 * d * d + 2 * d * kv * e + 14 * d + 2 * kv * e + 2 * e for kv in shape.kv_heads())
+        return blocks + 3 * shape.patch_size**2 * d + d + SAPIENS2_PREFIX * d + d
     d, r = shape.embed_dim, shape.mlp_ratio
     hidden = int(d * r)
     per_block = 4 * d * d + 4 * d + 2 * d * hidden + hidden + d + 2 * 2 * d
@@ -103,27 +139,30 @@ def count_parameters(shape: VitShape, height: int, width: int, cls_token: bool) 
 
 
 def count_parameters_of_model(shape: VitShape, height: int, width: int, cls_token: bool) -> int | None:
-    """Count by building ``sapiens.models.vit.VisionTransformer`` on the meta device (no memory).
+    """Count by building the backbone (``VisionTransformer`` or ``Sapiens2``) on the meta device (no memory).
 
     Returns None when the backbone module is not available (e.g. this file used on its own).
     """
     try:
         import torch
 
+        from sapiens.models.sapiens2 import Sapiens2
         from sapiens.models.vit import VisionTransformer
     except ImportError:
         return None
+    common = {
+        "img_size": (height, width),
+        "patch_size": shape.patch_size,
+        "embed_dim": shape.embed_dim,
+        "depth": shape.depth,
+        "num_heads": shape.num_heads,
+    }
     with torch.device("meta"):
-        model = VisionTransformer(
-            img_size=(height, width),
-            patch_size=shape.patch_size,
-            embed_dim=shape.embed_dim,
-            depth=shape.depth,
-            num_heads=shape.num_heads,
-            mlp_ratio=shape.mlp_ratio,
-            pos_embed="sincos" if cls_token else "learned",
-            cls_token=cls_token,
-        )
+        if shape.family == "sapiens2":
+            model = Sapiens2(**common, num_kv_heads=shape.num_kv_heads)
+        else:
+            pos = "sincos" if cls_token else "learned"
+            model = VisionTransformer(**common, mlp_ratio=shape.mlp_ratio, pos_embed=pos, cls_token=cls_token)
     return sum(p.numel() for p in model.parameters())
 
 
@@ -171,7 +210,7 @@ def activation_bytes_per_sample(
     parts = activation_breakdown(shape, height, width, bytes_per_value)
     if checkpointing:
         return parts["block_inputs"] + parts["per_block"] + parts["stem"]
-    return shape.depth * parts["per_block"] + parts["stem"]
+    return parts["blocks"] + parts["stem"]
 
 
 def activation_breakdown(
@@ -180,15 +219,25 @@ def activation_breakdown(
     """The terms of :func:`activation_bytes_per_sample`, bytes for one image.
 
     Returns:
-        ``per_block`` (A: everything one block saves), ``stem`` (S), ``block_inputs`` (L v T d:
-        what checkpointed blocks keep between forward and backward).
+        ``per_block`` (A: everything the largest block saves), ``blocks`` (all blocks), ``stem`` (S),
+        ``block_inputs`` (L v T d: what checkpointed blocks keep between forward and backward).
     """
     tokens = _tokens(shape, height, width)
-    d, v = shape.embed_dim, bytes_per_value
+    d, v, h = shape.embed_dim, bytes_per_value, shape.num_heads
+    if shape.family == "sapiens2":
+        tokens += SAPIENS2_PREFIX
+        per = [
+            v * tokens * d * (36 + 4 * kv / h) + FP32_BYTES * tokens * (2 + h + kv) + FP32_BYTES * tokens * h
+            for kv in shape.kv_heads()
+        ]
+        stem = v * 3 * height * width + 4 * v * tokens * d + FP32_BYTES * tokens
+        blocks = {"per_block": int(max(per)), "blocks": int(sum(per))}
+        return {**blocks, "stem": stem, "block_inputs": shape.depth * v * tokens * d}
     hidden_values = 8 * d + 2 * int(d * shape.mlp_ratio) + 4
-    per_block = v * tokens * hidden_values + FP32_BYTES * tokens * shape.num_heads
+    per_block = v * tokens * hidden_values + FP32_BYTES * tokens * h
     stem = v * (3 * height * width + tokens * d + 2 * tokens)
-    return {"per_block": per_block, "stem": stem, "block_inputs": shape.depth * v * tokens * d}
+    blocks = {"per_block": per_block, "blocks": shape.depth * per_block}
+    return {**blocks, "stem": stem, "block_inputs": shape.depth * v * tokens * d}
 
 
 def _gib(num_bytes: float) -> str:
@@ -201,22 +250,34 @@ def size_report(shape: VitShape, gpus: int, height: int, width: int, batch: int)
     pretrain_params = count_parameters(shape, 1024, 1024, cls_token=True)
     built = count_parameters_of_model(shape, height, width, cls_token=False)
     check = (
-        "not checked (sapiens.models.vit unavailable)"
+        "not checked (sapiens.models unavailable)"
         if built is None
         else ("equal to the built model" if built == finetune_params else f"built model has {built:,}")
     )
     act = activation_bytes_per_sample(shape, height, width, checkpointing=False)
     act_ckpt = activation_bytes_per_sample(shape, height, width, checkpointing=True)
     tokens = _tokens(shape, height, width)
+    published = PUBLISHED_BACKBONE_PARAMS.get(shape.name, float("nan")) / 1e9
+    prefix = f" + {SAPIENS2_PREFIX} prefix" if shape.family == "sapiens2" else ""
+    if shape.family == "sapiens2":
+        params = [
+            f"- parameters (no position table: the same at any image size and in both roles): "
+            f"{finetune_params:,} ({check}; reference {published:.4f} B)"
+        ]
+    else:
+        params = [
+            f"- parameters trained at {height}x{width} (no cls, learned pos embed): "
+            f"{finetune_params:,} ({check})",
+            f"- parameters at 1024x1024 with cls (pretraining layout): {pretrain_params:,} "
+            f"(published {published:.3f} B)",
+        ]
     lines = [
         f"### {shape.name} (width {shape.embed_dim}, depth {shape.depth}, "
         f"{shape.num_heads} heads, patch {shape.patch_size})",
         "",
-        f"- parameters trained at {height}x{width} (no cls, learned pos embed): "
-        f"{finetune_params:,} ({check})",
-        f"- parameters at 1024x1024 with cls (pretraining layout): {pretrain_params:,} "
-        f"(published {PUBLISHED_BACKBONE_PARAMS.get(shape.name, float('nan')) / 1e9:.3f} B)",
-        f"- activations per sample ({tokens} tokens): {_gib(act)} GiB, "
+        *params,
+        f"- activations per sample ({tokens} patch tokens{prefix}): "
+        f"{_gib(act)} GiB, "
         f"{_gib(act_ckpt)} GiB with activation checkpointing",
         "",
         f"| ZeRO stage | params | grads | AdamW states | model states | "

@@ -145,3 +145,28 @@ def test_cli_prints_a_table_per_size(capsys):
     assert "4 GPU(s)" in out and "batch 2" in out
     with pytest.raises(SystemExit):
         main(["--sizes", "sapiens_9b"])
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_sapiens2_activation_formula_matches_autograd(checkpointing):
+    """Sapiens2 (grouped blocks in the middle, RoPE, 9 prefix tokens): formula == autograd's saved bytes."""
+    from sapiens.models.sapiens2 import Sapiens2
+
+    shape = VitShape("tiny2", 64, 18, 4, family="sapiens2", num_kv_heads=2)  # blocks 8, 9 grouped
+    height, width, batch = 64, 48, 2
+    model = Sapiens2(img_size=(height, width), embed_dim=64, depth=18, num_heads=4, num_kv_heads=2,
+                     grad_checkpointing=checkpointing)  # fmt: skip
+    model = model.to(torch.bfloat16).train()
+    measured = (
+        _saved_activation_bytes(model, torch.randn(batch, 3, height, width, dtype=torch.bfloat16)) / batch
+    )
+    parts = activation_breakdown(shape, height, width)
+    rope_tables = 2 * 12 * 16 * 2 / batch  # sin / cos (12 patches x head width 16, bf16), shared by the batch
+    if checkpointing:
+        expected = parts["block_inputs"] + parts["stem"]
+    else:
+        expected = activation_bytes_per_sample(shape, height, width, checkpointing=False) + rope_tables
+    assert measured == pytest.approx(expected, rel=1e-6)
+    assert count_parameters(shape, height, width, cls_token=False) == sum(
+        p.numel() for p in model.parameters()
+    )

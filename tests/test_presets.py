@@ -58,7 +58,10 @@ def table_row(cfg):
 
 def test_every_published_row_has_a_preset():
     covered = set()
-    for name in PRESETS:
+    sapiens2 = sorted(
+        p.stem for p in (CONF / "experiment").glob("*_sapiens2_*.yaml")
+    )  # test_presets_sapiens2
+    for name in PRESETS + sapiens2:
         text = (CONF / "experiment" / f"{name}.yaml").read_text()
         table = re.search(r"^experiment_table: (\S+)", text, re.M).group(1)
         row = re.search(r"^experiment_row: (\S+)", text, re.M).group(1)

@@ -171,7 +171,8 @@ def test_every_published_table_loads_with_recipes() -> None:
     for table in tables.values():
         assert table.rows, table.name
         for row in table.rows:
-            assert row.published, (table.name, row.id)
+            # Sapiens2 rows hold recipes only: the reference gives no Sapiens2 numbers (and says so).
+            assert row.published or row.status == "no number in the reference", (table.name, row.id)
             recipe = table.recipe(row)
             for key in ("image_size", "gpus", "nodes"):
                 assert key in recipe, (table.name, row.id, key)
