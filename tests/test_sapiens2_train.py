@@ -1,12 +1,15 @@
 """Sapiens2 through train.py: MAE pretraining of a Sapiens2 encoder and fine-tuning of each Sapiens2 task."""
 
 import csv
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
-from tests.conftest import TINY, TINY_FINETUNE, run_train
+from tests.conftest import ROOT, TINY, TINY_FINETUNE, run_train
 
 pytestmark = pytest.mark.slow
 
@@ -96,3 +99,16 @@ def test_sapiens2_model_composes_with_cfg_job():
     """The command of the issue (every size composes and validates in tests/test_configs.py)."""
     proc = run_train(["model=sapiens2_5b", "--cfg", "job"])
     assert "family: sapiens2" in proc.stdout and "embed_dim: 2432" in proc.stdout
+
+
+def test_study_runs_with_a_sapiens2_backbone(tmp_path):
+    """`python -m experiments.study --model sapiens2_tiny`: MAE on the Sapiens2 encoder, then fine-tunes."""
+    cmd = [sys.executable, "-m", "experiments.study", "--quick", "--model", "sapiens2_tiny", "--tasks", "seg",
+           "--out-dir", str(tmp_path / "out"), "--runs-dir", str(tmp_path / "runs")]  # fmt: skip
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    config = yaml.safe_load((tmp_path / "runs" / "pretrain" / "mae" / "config.yaml").read_text())
+    assert config["model"]["backbone"]["family"] == "sapiens2"
+    readme = (tmp_path / "out" / "README.md").read_text()
+    assert "| seg | val/mIoU | mae |" in readme and "| seg | val/mIoU | random |" in readme
+    assert "model `sapiens2_tiny`" in readme

@@ -182,6 +182,9 @@ class PointmapHead(PixelShuffleTrunk):
         scale_channels: widths of the stride-2 conv1x1 scale blocks (1536, 512, 128).
         scale_strides: their strides (published 2, 2, 2: 64x48 -> 8x6). Small CPU inputs use fewer halvings,
             since InstanceNorm needs more than one position to normalise.
+        z_init: initial bias of the Z output (0 by default; the published init is not known). Starting
+            near the data's canonical depth (about 1.3 for a person filling the frame, with f_c = the input
+            width) spares short runs the many steps a regression head needs to climb from 0.
     """
 
     def __init__(
@@ -194,6 +197,7 @@ class PointmapHead(PixelShuffleTrunk):
         scale_channels: Sequence[int] = SCALE_CONV_CHANNELS,
         scale_strides: Sequence[int] = (2, 2, 2),
         init_std: float = 0.001,
+        z_init: float = 0.0,
     ):
         super().__init__(in_channels, upsample_channels, conv_channels)
         if len(scale_strides) != len(scale_channels):
@@ -221,6 +225,8 @@ class PointmapHead(PixelShuffleTrunk):
             nn.Linear(128, 1),
         )
         _init_normal(self, init_std)
+        with torch.no_grad():
+            self.conv_pointmap.bias[2] = z_init
 
     def forward(self, features: torch.Tensor) -> PointmapOutput:
         """(B, C, h, w) -> PointmapOutput(points (B, 3, 16h, 16w), scale (B, 1))."""
