@@ -250,3 +250,16 @@ def test_make_shards_pointmap_cli_bad_input(raw_split, tmp_path):
     assert proc.returncode == 0, proc.stderr
     sample = next(iter(read_tar_samples(tmp_path / "c").values()))
     assert json.loads(sample["intrinsics.json"]) == {"fx": 50.0, "fy": 50.0, "cx": 23.5, "cy": 31.5}
+
+
+def test_trivial_baselines_script(synth_root, capsys):
+    """experiments.pointmap_baselines: the camera-aware ray baseline beats the constant point."""
+    from experiments.pointmap_baselines import main
+
+    assert main(["--root", str(synth_root), "--size", "64", "48", "--focal", "48"]) == 0
+    lines = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()[1:]}
+    value = {
+        name: dict(zip(cells[1::2], map(float, cells[2::2]), strict=True)) for name, cells in lines.items()
+    }
+    assert 0 < value["rays"]["l2"] < value["constant"]["l2"]
+    assert value["rays"]["normal_mean_angular_error"] < 60
