@@ -195,7 +195,8 @@ def test_layer_ids_grad_checkpointing_and_no_decay_names():
 
 def test_mae_with_sapiens2_encoder_uses_registers_and_learns():
     torch.manual_seed(0)
-    mae = MaskedAutoencoder(tiny(), decoder_dim=32, decoder_depth=1, decoder_heads=4, mask_ratio=0.75)
+    encoder = tiny(depth=2, mhsa_early=1, mhsa_late=0)  # block 1 grouped
+    mae = MaskedAutoencoder(encoder, decoder_dim=32, decoder_depth=1, decoder_heads=4, mask_ratio=0.75)
     latent, mask, _, _ = mae.forward_encoder(torch.randn(4, 3, 64, 48), 0.75)
     assert latent.shape == (4, 9 + 3, 64) and torch.all(mask.sum(1) == 9)
     ids_keep, _, _ = masking_ids(4, 12, 0.75, generator=torch.Generator().manual_seed(0))
