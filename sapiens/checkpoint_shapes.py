@@ -18,6 +18,7 @@ import torch
 import yaml
 
 from sapiens.checkpoints import HEAD_PREFIXES, extract_backbone_state
+from sapiens.checkpoints.keys import num_blocks
 from sapiens.labels import available_label_spaces, load_class_list, load_keypoint_set
 from sapiens.models.pos_embed import infer_grid
 
@@ -60,9 +61,47 @@ def _vit_shape(state: dict[str, torch.Tensor]) -> tuple[dict, tuple[int, int] | 
     return spec, grid
 
 
-# family -> reader(backbone state with our key names) -> (shape dict without num_heads, grid) or None.
+# Sapiens2 has no position table to read the input size from; its published task models all take 1024 x 768.
+SAPIENS2_PUBLISHED_GRID = (64, 48)
+
+
+def _sapiens2_shape(state: dict[str, torch.Tensor]) -> tuple[dict, tuple[int, int] | None] | None:
+    """Sapiens2 (our key names): the whole architecture is in the shapes. Heads from the per-head q-norm
+    width, KV heads and the plain-attention blocks at both ends from the k projections, registers from
+    their table, the 4K tokenizer from its blocks; the grid is the published 64 x 48 (no position table)."""
+    wq, q_norm = state.get("blocks.0.attn.wq.weight"), state.get("blocks.0.attn.q_norm.weight")
+    proj = state.get("patch_embed.proj.weight")
+    if wq is None or q_norm is None or proj is None:
+        return None
+    dim, head_dim = int(wq.shape[0]), int(q_norm.shape[0])
+    depth = num_blocks(state)
+    kv_rows = [int(state[f"blocks.{i}.attn.wk.weight"].shape[0]) for i in range(depth)]
+    grouped = [i for i, rows in enumerate(kv_rows) if rows != dim]
+    tokenizer_depth = num_blocks(state, "tokenizer.blocks.")
+    spec = {
+        "family": "sapiens2",
+        "embed_dim": dim,
+        "depth": depth,
+        "num_heads": dim // head_dim,
+        "num_kv_heads": (kv_rows[grouped[0]] if grouped else dim) // head_dim,
+        "mhsa_early": grouped[0] if grouped else depth,
+        "mhsa_late": depth - 1 - grouped[-1] if grouped else 0,
+        "patch_size": int(proj.shape[-1]),
+        "patch_padding": 0,
+        "mlp_ratio": int(state["blocks.0.ffn.w3.weight"].shape[1]) / dim,
+        "num_register_tokens": int(state["register_tokens"].shape[1]) if "register_tokens" in state else 0,
+        "use_tokenizer": tokenizer_depth > 0,
+    }
+    if tokenizer_depth:
+        spec["tokenizer_depth"] = tokenizer_depth
+    return spec, SAPIENS2_PUBLISHED_GRID
+
+
+# family -> reader(backbone state with our key names) -> (shape dict, grid) or None; a reader that cannot
+# see the number of heads leaves ``num_heads`` out (a conf/model size or 64-wide heads fill it in).
 BACKBONE_SHAPE_READERS: dict[str, Callable[[dict], tuple[dict, tuple[int, int] | None] | None]] = {
     "vit": _vit_shape,
+    "sapiens2": _sapiens2_shape,
 }
 
 
@@ -105,6 +144,8 @@ def backbone_from_state(
             f"{path}: no backbone of a known family ({', '.join(BACKBONE_SHAPE_READERS)}) in it"
         )
     size = match_model_size(shape)
+    if "num_heads" in shape:
+        return shape, grid, size["name"] if size else None
     if size is not None:
         shape["num_heads"] = size["backbone"]["num_heads"]
         return shape, grid, size["name"]
@@ -133,31 +174,64 @@ def head_state(state: Mapping[str, torch.Tensor]) -> tuple[str | None, dict[str,
     return None, {}
 
 
-def _layer_channels(head: Mapping[str, torch.Tensor], group: str, axis: int) -> list[int]:
-    keys = sorted((int(m.group(1)), k) for k in head if (m := re.fullmatch(rf"{group}\.(\d+)\.weight", k)))
-    return [int(head[k].shape[axis]) for _, k in keys]
+# Sapiens2 head classes a spec may name (``spec.head["head"]["class"]``); nothing else is built from a file.
+SAPIENS2_HEADS = {"pose": "PoseHeatmapHead", "normal": "NormalHead", "pointmap": "PointmapHead"}
 
 
 def head_from_state(path: str | Path, head: Mapping[str, torch.Tensor]) -> tuple[str, dict, int]:
     """(task, head kwargs without label space, output count) from the head tensors.
 
-    Pose heads end in ``final_layer`` (K heatmaps); dense heads in ``conv_seg`` with 1 (depth), 3 (normals)
-    or N (part classes) outputs.
+    Sapiens heads end in ``final_layer`` (pose, K heatmaps) or ``conv_seg`` with 1 (depth), 3 (normals) or
+    N (part classes) outputs, and are rebuilt from ``deconv_channels`` / ``conv_channels``. Sapiens2 heads
+    (``conv_pose``, ``conv_normal``, ``conv_pointmap``) are named with their widths under ``head``
+    (``{"class": "PoseHeatmapHead", ...}``); the Sapiens2 seg head is the Sapiens one with other widths.
+    A pointmap head's scale strides depend on the input size: :func:`pointmap_scale_strides`.
     """
-    deconv = _layer_channels(head, "deconv_layers", 1)  # ConvTranspose2d weight: (in, out, k, k)
-    conv = _layer_channels(head, "conv_layers", 0)
-    if "final_layer.weight" in head:
-        return (
-            "pose",
-            {"deconv_channels": deconv, "conv_channels": conv},
-            int(head["final_layer.weight"].shape[0]),
+    from sapiens.models.heads_sapiens2 import identify_head
+
+    info = identify_head(dict(head))
+    task, outputs = info["task"], info["outputs"]
+    if task is None:
+        raise ModelSpecError(
+            f"{path}: the head tensors ({', '.join(sorted(head)[:3])}...) are not a pose or dense head"
         )
-    if "conv_seg.weight" in head:
-        out = int(head["conv_seg.weight"].shape[0])
-        task = {1: "depth", 3: "normal"}.get(out, "seg")
-        return task, {"deconv_channels": deconv, "conv_channels": conv}, out
+    widths = {"deconv_channels": info["deconv_channels"], "conv_channels": info["conv_channels"]}
+    if info["layout"] == "sapiens":
+        return task, widths, outputs
+    layout: dict = {"class": SAPIENS2_HEADS[task]}
+    if task == "pose":
+        layout.update(widths)
+    else:  # the pixel-shuffle trunk of the normal and pointmap heads
+        layout.update(upsample_channels=info["upsample_channels"], conv_channels=info["conv_channels"])
+    if task == "pointmap":
+        layout["scale_channels"] = [int(head[k].shape[0]) for k in _indexed(head, "scale_conv_layers")]
+    return task, {"head": layout}, outputs
+
+
+def _indexed(head: Mapping[str, torch.Tensor], group: str) -> list[str]:
+    """The conv weights ``<group>.<i>.weight`` in index order."""
+    found = [(int(m.group(1)), k) for k in head if (m := re.fullmatch(rf"{group}\.(\d+)\.weight", k))]
+    return [k for _, k in sorted(found) if head[k].ndim == 4]
+
+
+def pointmap_scale_strides(path, head: Mapping[str, torch.Tensor], image_size: tuple[int, int]) -> list[int]:
+    """Strides of a pointmap head's scale convs: the published (2, 2, 2), or as many leading halvings as
+    make the first Linear of ``scale_final_layer`` fit the grid of ``image_size`` (small inputs halve
+    fewer times). One-line error when none fits."""
+    from sapiens.models.heads import BACKBONE_STRIDE
+    from sapiens.models.heads_sapiens2 import scale_grid
+
+    convs = _indexed(head, "scale_conv_layers")
+    channels, features = int(head[convs[-1]].shape[0]), int(head["scale_final_layer.1.weight"].shape[1])
+    grid = [s // BACKBONE_STRIDE for s in image_size]
+    for halvings in range(len(convs), -1, -1):
+        strides = [2] * halvings + [1] * (len(convs) - halvings)
+        h, w = scale_grid(grid, strides)
+        if channels * h * w == features:
+            return strides
     raise ModelSpecError(
-        f"{path}: the head tensors ({', '.join(sorted(head)[:3])}...) are not a pose or dense head"
+        f"{path}: the pointmap scale branch ({features} features) fits no stride pattern at input "
+        f"{image_size[0]}x{image_size[1]}; pass image_size=[H,W]"
     )
 
 

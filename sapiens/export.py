@@ -3,7 +3,8 @@
     python -m sapiens.export checkpoint=FILE format=onnx|torch_export output=PATH [opset=18] [task=...]
 
 The graph maps normalised RGB images ``images`` (B, 3, H, W) float32 to the head's raw output
-``outputs`` (pose heatmaps, seg logits, depth, normals); the batch is dynamic, H x W is the model's input
+``outputs`` (pose heatmaps, seg logits, depth, normals; the pointmap has two: canonical ``points`` and
+``scale``); the batch is dynamic, H x W is the model's input
 size, at which the position table is baked (no interpolation in the graph). Decoding stays outside the
 graph (``python -m sapiens.predict checkpoint=PATH`` runs both formats), but its parameters travel
 inside the file: ONNX ``metadata_props`` and a ``.pt2`` extra file hold ``sapiens_model`` (the
@@ -30,6 +31,7 @@ import torch
 from omegaconf import OmegaConf
 
 from sapiens.model_spec import ModelSpec, ModelSpecError
+from sapiens.models.rope import RopePositionEmbedding, bf16_as_float32
 from sapiens.task_model import TaskModel, load_task_model
 
 log = logging.getLogger(__name__)
@@ -53,14 +55,29 @@ def metadata(model: TaskModel, fmt: str) -> dict[str, str]:
         "format": fmt,
         "input": f"{INPUT_NAME}: (batch, 3, {model.spec.image_size[0]}, {model.spec.image_size[1]}) float32, "
         "RGB normalised with mean / std of sapiens_model",
-        "output": f"{OUTPUT_NAME}: raw {model.spec.task} head output",
+        "output": f"{', '.join(output_names(model))}: raw {model.spec.task} head output",
     }
+
+
+def output_names(model: TaskModel) -> list[str]:
+    """Graph output names: ``outputs``, or the fields of a task's multi-tensor output (pointmap: ``points``,
+    ``scale``)."""
+    fields = getattr(model.task.output_type, "_fields", None)
+    return list(fields) if fields else [OUTPUT_NAME]
 
 
 def _example(model: TaskModel, batch: int = 2) -> tuple[torch.Tensor, dict]:
     # A batch of 2 keeps the exporter from specialising the batch size to 1.
     h, w = model.spec.image_size
     return torch.zeros(batch, 3, h, w), {INPUT_NAME: {0: torch.export.Dim("batch", min=1, max=4096)}}
+
+
+def _bf16_rope(model: torch.nn.Module):
+    """Sapiens2's published RoPE computes in bf16, which onnxruntime's CPU kernels lack: the graph gets the
+    same values from float32 ops rounded to bf16 (:func:`sapiens.models.rope.bf16_as_float32`)."""
+    if any(isinstance(m, RopePositionEmbedding) and m.dtype == torch.bfloat16 for m in model.modules()):
+        return bf16_as_float32()
+    return contextlib.nullcontext()
 
 
 @contextlib.contextmanager
@@ -86,8 +103,9 @@ class _Graph(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model(images)
+    def forward(self, images: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        out = self.model(images)
+        return out if isinstance(out, torch.Tensor) else tuple(out)  # a plain tuple: no pytree class inside
 
 
 def export_onnx(
@@ -102,13 +120,13 @@ def export_onnx(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     example, dims = _example(model)
-    with _quiet_export():
+    with _quiet_export(), _bf16_rope(model):
         program = torch.onnx.export(
             _Graph(model).eval(),
             (example,),
             dynamo=True,
             input_names=[INPUT_NAME],
-            output_names=[OUTPUT_NAME],
+            output_names=output_names(model),
             dynamic_shapes=dims,
             opset_version=opset,
             verbose=False,
@@ -126,7 +144,7 @@ def export_torch(model: TaskModel, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     example, dims = _example(model)
-    with _quiet_export():
+    with _quiet_export(), _bf16_rope(model):
         program = torch.export.export(_Graph(model).eval(), (example,), dynamic_shapes=dims)
     torch.export.save(
         program, str(path), extra_files={META_FILE: json.dumps(metadata(model, "torch_export"))}

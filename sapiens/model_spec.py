@@ -5,16 +5,19 @@ Inference, evaluation and export need no hand-set value: a :class:`ModelSpec` is
   everything, label space included;
 - ``hyper_parameters`` of older Lightning checkpoints and of ZeRO-converted files (backbone, input size,
   patch padding), plus the run directory's ``config.yaml`` (task, label space) when the file sits in one;
-- tensor shapes for published fine-tuned ``.pth`` files: the backbone family's shape reader gives width,
-  depth and the position grid (-> input size), the width and depth a model size of ``conf/model``
-  (-> number of heads), the head tensors the task, the keypoint or class count and the head widths;
-  the published recipes give the patch padding per task (reference sapiens.md section 3).
+- tensor shapes for published fine-tuned files (Sapiens ``.pth``, Sapiens2 ``.safetensors`` / ``.pth``):
+  the backbone family's shape reader gives width, depth and the position grid (-> input size; Sapiens2 has
+  none: its published 1024 x 768), the width and depth a model size of ``conf/model`` (-> number of heads,
+  where the shapes do not tell it), the head tensors the task, the keypoint or class count and the head
+  widths (Sapiens2 heads by class name); the published recipes give the patch padding per task (reference
+  sapiens.md section 3).
 
 The tensor-shape readers (the only family-specific part) are in :mod:`sapiens.checkpoint_shapes`.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -25,22 +28,25 @@ import torch
 import yaml
 
 from sapiens.checkpoint_shapes import (
+    SAPIENS2_HEADS,
     ModelSpecError,
     backbone_from_state,
     default_label_space,
     head_from_state,
     head_state,
     match_model_size,
+    pointmap_scale_strides,
 )
 from sapiens.data.normalize import IMAGE_MEAN, IMAGE_STD
 from sapiens.labels import ClassList, KeypointSet, load_class_list, load_keypoint_set
 
 log = logging.getLogger(__name__)
 
-TASKS = ("pose", "seg", "depth", "normal")
+TASKS = ("pose", "seg", "depth", "normal", "pointmap")
 # Patch-embed padding of the published fine-tuning recipes (sapiens.md section 1: padding=2 in every pose
-# and normal config, none in Goliath seg and depth), used when the file does not say.
-PUBLISHED_PATCH_PADDING = {"pose": 2, "seg": 0, "depth": 0, "normal": 2}
+# and normal config, none in Goliath seg and depth), used when the file does not say. Sapiens2 backbones
+# fix their own (0) in the backbone dict.
+PUBLISHED_PATCH_PADDING = {"pose": 2, "seg": 0, "depth": 0, "normal": 2, "pointmap": 0}
 
 __all__ = ["TASKS", "ModelSpec", "ModelSpecError", "head_state", "read_model_spec", "spec_of_module"]
 
@@ -50,12 +56,13 @@ class ModelSpec:
     """Everything needed to rebuild a fine-tuned model and to run it on images.
 
     Attributes:
-        task: ``pose``, ``seg``, ``depth`` or ``normal``.
+        task: ``pose``, ``seg``, ``depth``, ``normal`` or ``pointmap``.
         backbone: ``model.backbone``: family and shape (what ``models.factory.build_backbone`` takes).
         image_size: (H, W) network input.
         patch_padding: patch-embed conv padding.
         head: keyword arguments of the task class that fix the head and its decoding (label space as a
-            mapping, head widths, heatmap sigma).
+            mapping, head widths, heatmap sigma); a Sapiens2 head as ``head: {"class": <name in
+            sapiens.models.heads_sapiens2>, widths...}``.
         model_name: the ``conf/model`` size it matches (e.g. ``sapiens_0.3b``), or None.
         mean, std: RGB normalisation of the input (0..255 scale).
         source: how the spec was read (for logs and ``meta.json``).
@@ -96,15 +103,31 @@ class ModelSpec:
     # ------------------------------------------------------------------ building
     def build_task(self, in_channels: int, **runtime):
         """The task module (head + decoding) of this spec; ``runtime``: e.g. ``flip_test=False``."""
+        from sapiens.models import heads_sapiens2
         from sapiens.tasks.depth import DepthTask
         from sapiens.tasks.normal import NormalTask
+        from sapiens.tasks.pointmap import PointmapTask
         from sapiens.tasks.pose import PoseTask
         from sapiens.tasks.segmentation import SegmentationTask
 
-        classes = {"pose": PoseTask, "seg": SegmentationTask, "depth": DepthTask, "normal": NormalTask}
+        classes = {
+            "pose": PoseTask,
+            "seg": SegmentationTask,
+            "depth": DepthTask,
+            "normal": NormalTask,
+            "pointmap": PointmapTask,
+        }
         if self.task != "pose":
             runtime.pop("flip_test", None)  # the flip test is pose's
         kwargs = {**self.head, **runtime}
+        if isinstance(kwargs.get("head"), Mapping):  # a Sapiens2 head by class name, never an arbitrary path
+            layout = dict(kwargs["head"])
+            name = layout.pop("class", None)
+            if name not in SAPIENS2_HEADS.values():
+                raise ModelSpecError(
+                    f"unknown head class {name!r}; expected one of {sorted(SAPIENS2_HEADS.values())}"
+                )
+            kwargs["head"] = functools.partial(getattr(heads_sapiens2, name), **layout)
         if self.task == "seg":
             kwargs.setdefault("class_weight", None)  # a loss setting; inference needs none
         return classes[self.task](in_channels=in_channels, image_size=self.image_size, **kwargs)
@@ -178,8 +201,8 @@ def read_model_spec(
     prefix, head = head_state(state)
     if not head:
         raise ModelSpecError(
-            f"{path} holds no task head (a pretraining checkpoint?); a fine-tuned pose, seg, depth or normal "
-            "model is needed"
+            f"{path} holds no task head (a pretraining checkpoint?); a fine-tuned pose, seg, depth, normal "
+            "or pointmap model is needed"
         )
     found, head_kwargs, outputs = head_from_state(path, head)
     if task == "seg" and found == "normal":  # a 3-class segmentation head looks like a normal head
@@ -215,14 +238,18 @@ def _spec_from_shapes(path, extras, state, task, head_kwargs, outputs, overrides
         task = task_cfg["name"]
     if isinstance(hparams.get("backbone"), Mapping):
         backbone = {**backbone, **hparams["backbone"]}
-    if hparams.get("image_size"):
+    if overrides.get("image_size"):
+        image_size = tuple(int(v) for v in overrides["image_size"])
+    elif hparams.get("image_size"):
         image_size = tuple(hparams["image_size"])
     elif grid is not None:
         image_size = (grid[0] * patch, grid[1] * patch)
     else:
         raise ModelSpecError(f"{path}: no position table to read the input size from; pass image_size=[H,W]")
-    padding = hparams.get("patch_padding", PUBLISHED_PATCH_PADDING[task])
+    padding = hparams.get("patch_padding", backbone.get("patch_padding", PUBLISHED_PATCH_PADDING[task]))
     head = dict(head_kwargs)
+    if task == "pointmap":
+        head["head"]["scale_strides"] = pointmap_scale_strides(path, head_state(state)[1], image_size)
     if task == "pose":
         head["sigma"] = float(head_cfg.get("sigma", 6.0 * image_size[0] / 1024))  # published: 6 at 1024 x 768
         head["keypoint_set"] = _label_data(path, "pose", head_cfg.get("keypoint_set"), outputs, overrides)
@@ -283,6 +310,9 @@ def spec_of_module(module) -> ModelSpec:
         head["sigma"] = float(task.codec.sigma)
     elif task.name == "seg":
         head["class_list"] = task.classes.to_dict()
+    elif task.name == "pointmap":
+        strides = pointmap_scale_strides("<module>", task.head.state_dict(), tuple(hp["image_size"]))
+        head["head"]["scale_strides"] = strides
     backbone = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dict(hp["backbone"]).items()}
     size = match_model_size({"family": backbone.get("family", "vit"), **backbone})
     return ModelSpec(

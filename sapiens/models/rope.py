@@ -12,18 +12,42 @@ Facts (reference sapiens2.md section 1, the DINOv3-style ``RopePositionEmbedding
 - Published default: everything (coordinates, angles, sin / cos and the rotation of q and k) in **bf16**,
   q and k cast back afterwards. ``dtype="fp32"`` computes in float32 instead.
 
+For runtimes without bf16 arithmetic (onnxruntime on CPU has no bf16 Mul / Sin), :func:`bf16_as_float32`
+computes the bf16 path in float32 ops with every intermediate rounded to bf16: the same values as bf16
+arithmetic (a product of two bf16 numbers is exact in float32), traced by the exporters as float32 ops and
+casts.
+
 Because coordinates are normalised by the grid size, a model run on another grid sees the same angles for the
 same relative image position (positions scale with the image, they are not re-indexed).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 
 import torch
 from torch import nn
 
 ROPE_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+_EMULATION = {"bf16": False}  # set by bf16_as_float32()
+
+
+@contextlib.contextmanager
+def bf16_as_float32() -> Iterator[None]:
+    """Inside: bf16 RoPE tables and rotations run as float32 ops rounded to bf16 after each step (same
+    values; for graph export to runtimes without bf16 kernels). Not thread-safe; export only."""
+    _EMULATION["bf16"] = True
+    try:
+        yield
+    finally:
+        _EMULATION["bf16"] = False
+
+
+def _rounder(emulate: bool):
+    """Identity, or x -> x rounded to bf16 and back (emulated bf16 arithmetic)."""
+    return (lambda t: t.to(torch.bfloat16).float()) if emulate else (lambda t: t)
 
 
 class RopePositionEmbedding(nn.Module):
@@ -59,14 +83,16 @@ class RopePositionEmbedding(nn.Module):
     def forward(self, grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         """sin, cos tables of an (h, w) grid: each (h*w, head_dim) in the rope dtype, raster order."""
         h, w = grid
-        dt, dev = self.dtype, self.periods.device
-        rows = (torch.arange(h, device=dev, dtype=dt) + 0.5) / h
-        cols = (torch.arange(w, device=dev, dtype=dt) + 0.5) / w
+        emulate = _EMULATION["bf16"] and self.dtype == torch.bfloat16
+        dt, dev, r = (torch.float32 if emulate else self.dtype), self.periods.device, _rounder(emulate)
+        rows = r(r(torch.arange(h, device=dev, dtype=dt) + 0.5) / h)
+        cols = r(r(torch.arange(w, device=dev, dtype=dt) + 0.5) / w)
         coords = torch.stack(torch.meshgrid(rows, cols, indexing="ij"), dim=-1).flatten(0, 1)  # (hw, 2)
-        coords = 2.0 * coords - 1.0
-        angles = 2 * math.pi * coords[:, :, None] / self.periods.to(dt)[None, None, :]  # (hw, 2, hd/4)
+        coords = r(r(2.0 * coords) - 1.0)
+        periods = r(self.periods.to(dt))
+        angles = r(r(2 * math.pi * coords[:, :, None]) / periods[None, None, :])  # (hw, 2, hd/4)
         angles = angles.flatten(1, 2).tile(2)  # (hw, hd)
-        return angles.sin(), angles.cos()
+        return r(angles.sin()), r(angles.cos())
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -91,6 +117,7 @@ def apply_rope(x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor, num_prefix
         sin, cos = sin[:, None], cos[:, None]
     prefix, patches = x[:, :, :num_prefix], x[:, :, num_prefix:]
     dtype = patches.dtype
-    patches = patches.to(sin.dtype)
-    patches = (patches * cos + rotate_half(patches) * sin).to(dtype)
+    r = _rounder(_EMULATION["bf16"])  # tables made under bf16_as_float32: float32 holding bf16 values
+    patches = r(patches.to(sin.dtype))
+    patches = r(r(patches * cos) + r(rotate_half(patches) * sin)).to(dtype)
     return torch.cat([prefix, patches], dim=2)

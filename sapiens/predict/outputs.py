@@ -10,6 +10,8 @@
     seg/<name>.png                         uint8 class ids at the source resolution
     depth/<name>.npy                       float16 (H, W) relative depth, NaN outside the seg foreground
     normal/<name>.npz                      ``normal`` float16 (H, W, 3) unit vectors, ``mask`` bool (H, W)
+    pointmap/<name>.npy                    float16 (H, W, 3) metric XYZ in metres, NaN outside the seg
+                                           foreground (the overlay shows Z colour-mapped, near = bright)
 
 ``<name>`` is the image's path relative to the source folder without suffix (sub-folders are kept);
 a video's raw arrays go to ``<task>/<video>/<frame index:06d>.<ext>``.
@@ -136,6 +138,13 @@ class OutputWriter:
             path = self.out_dir / "depth" / f"{stem}.npy"
             path.parent.mkdir(parents=True, exist_ok=True)
             np.save(path, depth)
+        if prediction.pointmap is not None:
+            points = prediction.pointmap.points.transpose(1, 2, 0).astype(np.float16)
+            if prediction.pointmap.mask is not None:
+                points[~prediction.pointmap.mask] = np.nan
+            path = self.out_dir / "pointmap" / f"{stem}.npy"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            np.save(path, points)
         if prediction.normal is not None:
             result = prediction.normal
             mask = result.mask if result.mask is not None else np.ones(result.normals.shape[1:], bool)

@@ -29,8 +29,9 @@ OVERRIDE_KEYS = ("keypoint_set", "class_list", "patch_padding", "image_size", "n
 
 def video_depth_range(prediction: Prediction) -> tuple[float, float] | None:
     """A colour range for a whole video from its first frame: the 2nd-98th percentile of the foreground
-    depth, widened by a tenth on each side (so that later frames rarely clip)."""
-    depth = prediction.depth
+    depth (the relative depth, else the pointmap's Z), widened by a tenth on each side (so that later
+    frames rarely clip)."""
+    depth = prediction.depth or prediction.pointmap
     if depth is None:
         return None
     values = depth.depth[depth.mask] if depth.mask is not None else depth.depth.ravel()

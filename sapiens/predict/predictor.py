@@ -10,8 +10,8 @@ Preprocessing is validation's: dense models see the image resized to their input
 kept, as ``DenseTransform`` does in validation); pose models see 1.25-padded person crops at their own
 aspect ratio through the UDP affine of ``TopDownPoseTransform``. Decoding and pictures are the task
 objects' own (``task.predict`` with the flip test, ``task.decode``, ``task.overlay``), shared with
-validation. Dense models run before pose, so that a seg foreground can give pose its boxes and depth
-and normals their mask.
+validation. Dense models run before pose, so that a seg foreground can give pose its boxes and depth,
+normals and pointmaps their mask.
 """
 
 from __future__ import annotations
@@ -30,12 +30,19 @@ import torch
 from sapiens.data.pose_transform import BBOX_PADDING
 from sapiens.data.topdown import bbox_xywh_to_center_scale, udp_affine_matrix, warp_image
 from sapiens.predict.boxes import boxes_from_foreground, full_image_box, load_person_detections
-from sapiens.predict.results import DepthResult, NormalResult, PoseResult, Prediction, SegResult
+from sapiens.predict.results import (
+    DepthResult,
+    NormalResult,
+    PointmapResult,
+    PoseResult,
+    Prediction,
+    SegResult,
+)
 from sapiens.predict.runners import Runner, load_runner
 from sapiens.predict.tracking import PoseTracker
 from sapiens.visualize import tile
 
-TASK_ORDER = ("seg", "depth", "normal", "pose")
+TASK_ORDER = ("seg", "depth", "normal", "pointmap", "pose")
 STAGES = ("decode", "preprocess", "model", "postprocess", "write")
 BOX_MODES = ("auto", "full", "seg")
 
@@ -190,13 +197,15 @@ class Predictor:
             with self.timer("postprocess"):
                 for i, image in enumerate(chunk):
                     pred = out[start + i]
-                    decoded = runner.task.decode(outputs[i : i + 1], image.shape[:2])[0]
+                    decoded = runner.task.decode(runner.select(outputs, i), image.shape[:2])[0]
                     mask = pred.seg.foreground if pred.seg is not None else None
                     if name == "seg":
                         dtype = np.uint8 if len(runner.spec.label_names()) <= 256 else np.int32
                         pred.seg = SegResult(decoded.to(torch.int32).cpu().numpy().astype(dtype))
                     elif name == "depth":
                         pred.depth = DepthResult(decoded.cpu().numpy(), mask)
+                    elif name == "pointmap":
+                        pred.pointmap = PointmapResult(decoded.cpu().numpy(), mask)
                     else:
                         pred.normal = NormalResult(decoded.cpu().numpy(), mask)
 
@@ -293,9 +302,9 @@ class Predictor:
         depth_range: tuple[float, float] | None = None,
         alpha: float = 0.6,
     ) -> np.ndarray:
-        """One (H', W', 3) uint8 picture: a panel per task (seg palette, depth and normal colours over
-        their foreground, pose skeletons and boxes); ``side_by_side`` puts the image first, ``blend``
-        shows the panels only."""
+        """One (H', W', 3) uint8 picture: a panel per task (seg palette, depth / pointmap Z and normal
+        colours over their foreground, pose skeletons and boxes); ``side_by_side`` puts the image first,
+        ``blend`` shows the panels only."""
         if layout not in ("side_by_side", "blend"):
             raise ValueError(f"layout={layout}: expected side_by_side or blend")
         panels = [image] if layout == "side_by_side" else []
@@ -307,6 +316,9 @@ class Predictor:
                 panels.append(task.overlay(image, result.labels, alpha))
             elif name == "depth":
                 panels.append(task.overlay(image, result.depth, result.mask, depth_range))
+            elif name == "pointmap":  # metres: the video range is its own unless no relative depth ran
+                value_range = depth_range if "depth" not in self.runners else None
+                panels.append(task.overlay(image, result.points, result.mask, value_range))
             elif name == "normal":
                 panels.append(task.overlay(image, result.normals, result.mask))
             else:

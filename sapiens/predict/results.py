@@ -87,6 +87,20 @@ class NormalResult:
 
 
 @dataclass
+class PointmapResult:
+    """Sapiens2 pointmap: ``points`` float32 (3, H, W) metric camera-frame XYZ in metres (canonical points
+    divided by the predicted scale; the camera of the resized input); ``mask`` as for depth."""
+
+    points: np.ndarray
+    mask: np.ndarray | None = None
+
+    @property
+    def depth(self) -> np.ndarray:
+        """float32 (H, W) metric depth Z."""
+        return self.points[2]
+
+
+@dataclass
 class Prediction:
     """Everything predicted for one image of size (``height``, ``width``); a task not run is None."""
 
@@ -96,6 +110,7 @@ class Prediction:
     seg: SegResult | None = None
     depth: DepthResult | None = None
     normal: NormalResult | None = None
+    pointmap: PointmapResult | None = None
     extras: dict = field(default_factory=dict)
 
     def __getitem__(self, task: str):

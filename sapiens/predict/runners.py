@@ -57,15 +57,26 @@ class Runner:
         images = images.to(self.device, non_blocking=True)
         return normalize_images(images, self.spec.mean, self.spec.std)
 
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        """Normalised (B, 3, H, W) -> raw head output (float32 for the decoders)."""
+    def __call__(self, images: torch.Tensor):
+        """Normalised (B, 3, H, W) -> raw head output (float32 for the decoders): a tensor, or the task's
+        ``output_type`` (e.g. the pointmap's points and scale) rebuilt from the tensors of any format."""
         autocast = (
             torch.autocast(self.device.type, dtype=self.dtype)
             if self.dtype is not None
             else contextlib.nullcontext()
         )
         with torch.inference_mode(), autocast:
-            return self.net(images).float()
+            out = self.net(images)
+        if isinstance(out, torch.Tensor):
+            return out.float()
+        return self.task.output_type(*(t.float() for t in out))
+
+    @staticmethod
+    def select(outputs, index: int):
+        """Image ``index`` of a raw output (a tensor or a tuple of tensors), keeping the batch axis."""
+        if isinstance(outputs, torch.Tensor):
+            return outputs[index : index + 1]
+        return type(outputs)(*(t[index : index + 1] for t in outputs))
 
 
 def _onnx_net(path: str, device: torch.device):
@@ -77,9 +88,10 @@ def _onnx_net(path: str, device: torch.device):
     session = ort.InferenceSession(path, providers=providers)
     name = session.get_inputs()[0].name
 
-    def run(images: torch.Tensor) -> torch.Tensor:
+    def run(images: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
         array = np.ascontiguousarray(images.detach().float().cpu().numpy())
-        return torch.from_numpy(session.run(None, {name: array})[0]).to(images.device)
+        outs = [torch.from_numpy(o).to(images.device) for o in session.run(None, {name: array})]
+        return outs[0] if len(outs) == 1 else tuple(outs)
 
     return run
 

@@ -24,6 +24,9 @@ class Task(nn.Module):
     """
 
     name = "task"
+    # The type of the raw output when it is not one tensor (e.g. the pointmap's NamedTuple of points and
+    # scale): rebuilt from the tensors of an exported graph, in the same order.
+    output_type: type | None = None
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """features (B, C, h, w) -> raw head output."""

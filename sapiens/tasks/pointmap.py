@@ -112,6 +112,30 @@ class PointmapTask(Task):
         self.normal_metric.reset()
         self.depth_metric.reset()
 
+    # The head's raw output, rebuilt from the tensors of an exported graph (points, scale).
+    output_type = PointmapOutput
+
+    @torch.no_grad()
+    def decode(self, outputs: PointmapOutput, size: tuple[int, int]) -> torch.Tensor:
+        """Raw output -> metric camera-frame XYZ (B, 3, H, W) float32 in metres at ``size`` = (H, W): the
+        canonical points resized bilinearly, divided by the predicted canonical scale s (as in training)."""
+        points = F.interpolate(outputs.points.float(), size=tuple(size), mode="bilinear", align_corners=False)
+        return points / outputs.scale.float().reshape(-1, 1, 1, 1)
+
+    @staticmethod
+    def overlay(
+        image: np.ndarray,
+        points: np.ndarray,
+        mask: np.ndarray | None = None,
+        value_range: tuple[float, float] | None = None,
+    ) -> np.ndarray:
+        """Z of metric points (3, H, W) colour-mapped (near = bright) over ``mask`` (everything when None),
+        ``image`` elsewhere; ``value_range``: the (lo, hi) Z in metres mapped onto the colour map (fixed over
+        a video), else the foreground's min-max."""
+        from sapiens.tasks.depth import DepthTask
+
+        return DepthTask.overlay(image, points[2], mask, value_range)
+
     def render(self, batch: dict, outputs: PointmapOutput, num: int) -> np.ndarray:
         """Rows of (image | GT depth | predicted metric depth | GT normals | normals of predicted points)."""
         target, _, valid = self.targets(batch)
