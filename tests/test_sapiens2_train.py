@@ -5,11 +5,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
 
-from tests.conftest import ROOT, TINY, TINY_FINETUNE, run_train
+from data.synthhumans import render_sample
+from sapiens.predict import Predictor
+from tests.conftest import ROOT, TINY, TINY_FINETUNE, overridden, run_train
 
 pytestmark = pytest.mark.slow
 
@@ -24,7 +27,9 @@ def sapiens2_pretrain_run(synth_root, tmp_path_factory) -> Path:
     """A tiny Sapiens2 MAE run (sapiens2_tiny, 64x48, 16 steps) made through train.py on SynthHumans."""
     out = tmp_path_factory.mktemp("s2_pretrain")
     data = [f"data.root={synth_root}", f"paths.output_dir={out}"]
-    run_train([*TINY, "model=sapiens2_tiny", *data, "run_name=pre", "logger=csv", "trainer.max_steps=16"])
+    run_train(
+        overridden(TINY, "model=sapiens2_tiny", *data, "run_name=pre", "logger=csv", "trainer.max_steps=16")
+    )
     return out / "pretrain" / "pre"
 
 
@@ -93,6 +98,15 @@ def test_sapiens2_task_fine_tunes_through_train_py(task, synth_root, sapiens2_pr
         assert "Eyeglass" in (run_dir / "val_report.md").read_text()
     if task == "pointmap":
         assert column(run_dir, "train/loss_normal") and column(run_dir, "val/depth_rmse")
+        # Inference on our own Sapiens2 checkpoint: mode=validate reproduces the run's last validation,
+        # and predict reads the file without any hand-set value.
+        last = run_dir / "checkpoints" / "last.ckpt"
+        run_train([*overrides, *tiny, "model=sapiens2_tiny", *paths[:2], "run_name=check", "mode=validate",
+                   f"task.init_from={last}"])  # fmt: skip
+        assert column(tmp_path / task / "check", metric) == [pytest.approx(values[-1], rel=1e-5)]
+        image = render_sample(0, height=128, width=96, max_people=1)["image"]
+        points = Predictor(last, device="cpu")(image).pointmap.points
+        assert points.shape == (3, 128, 96) and np.isfinite(points).all()
 
 
 def test_sapiens2_model_composes_with_cfg_job():
