@@ -54,7 +54,11 @@ def _prepare(cfg: DictConfig) -> str:
 def _check_checkpoint(cfg: DictConfig, path: str) -> None:
     """The file must hold a model of the configured task; differences from its own recipe are logged."""
     checkpoint = load_checkpoint_file(path)
-    spec = read_model_spec(path, checkpoint, state_dict_of(checkpoint, path), task=cfg.task.name)
+    described = isinstance(checkpoint, dict) and ({"sapiens_model", "hyper_parameters"} & set(checkpoint))
+    # A published file does not say its input size (Sapiens2 has no position table): the config's is meant.
+    overrides = None if described else {"image_size": list(cfg.task.image_size)}
+    state = state_dict_of(checkpoint, path)
+    spec = read_model_spec(path, checkpoint, state, task=cfg.task.name, overrides=overrides)
     log.info("%s: %s", path, spec.summary())
     if spec.source.startswith(("checkpoint", "hyper_parameters")):
         configured = {"patch_padding": cfg.task.patch_padding, "image_size": tuple(cfg.task.image_size)}

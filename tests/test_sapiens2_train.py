@@ -11,6 +11,7 @@ import torch
 import yaml
 
 from data.synthhumans import render_sample
+from sapiens.checkpoints import to_published_layout, write_safetensors
 from sapiens.predict import Predictor
 from tests.conftest import ROOT, TINY, TINY_FINETUNE, overridden, run_train
 
@@ -98,11 +99,16 @@ def test_sapiens2_task_fine_tunes_through_train_py(task, synth_root, sapiens2_pr
         assert "Eyeglass" in (run_dir / "val_report.md").read_text()
     if task == "pointmap":
         assert column(run_dir, "train/loss_normal") and column(run_dir, "val/depth_rmse")
-        # Inference on our own Sapiens2 checkpoint: mode=validate reproduces the run's last validation,
-        # and predict reads the file without any hand-set value.
+        # Inference: mode=validate on the run's weights in the published layout (.safetensors, no
+        # description inside) reproduces the run's last validation; predict reads our checkpoint as is.
         last = run_dir / "checkpoints" / "last.ckpt"
+        state = torch.load(last, map_location="cpu", weights_only=True)["state_dict"]
+        backbone = {k[len("backbone.") :]: v for k, v in state.items() if k.startswith("backbone.")}
+        published = {f"backbone.{k}": v for k, v in to_published_layout(backbone, "sapiens2").items()}
+        published.update({f"decode_head.{k[10:]}": v for k, v in state.items() if k.startswith("task.head.")})
+        released = write_safetensors(published, tmp_path / "sapiens2_tiny_pointmap.safetensors")
         run_train([*overrides, *tiny, "model=sapiens2_tiny", *paths[:2], "run_name=check", "mode=validate",
-                   f"task.init_from={last}"])  # fmt: skip
+                   f"task.init_from={released}"])  # fmt: skip
         assert column(tmp_path / task / "check", metric) == [pytest.approx(values[-1], rel=1e-5)]
         image = render_sample(0, height=128, width=96, max_people=1)["image"]
         points = Predictor(last, device="cpu")(image).pointmap.points
