@@ -26,8 +26,9 @@ class TaskModel(nn.Module):
     """Backbone + task of a spec: normalised images (B, 3, H, W) -> the head's raw output.
 
     Outputs: pose heatmaps (B, K, H/4, W/4), seg logits (B, N, H/2, W/2), depth (B, 1, H, W),
-    normals (B, 3, H/2, W/2) at the published strides. ``task`` also holds the decoding
-    (``predict`` with the flip test, ``decode``) and the pictures.
+    normals (B, 3, H/2, W/2) at the published Sapiens strides (Sapiens2 heads: their own, e.g. seg and
+    normals at stride 1); the Sapiens2 pointmap gives ``PointmapOutput(points (B, 3, H, W), scale (B, 1))``.
+    ``task`` also holds the decoding (``predict`` with the flip test, ``decode``) and the pictures.
     """
 
     def __init__(self, spec: ModelSpec, **task_runtime):
