@@ -9,6 +9,12 @@ One key table per backbone family: :mod:`sapiens.checkpoints.vit` (Sapiens, mmpr
 - Lightning checkpoints of this project (pretraining or fine-tuning), our ``.safetensors`` exports
   (``python -m sapiens.checkpoints.export``) and consolidated DeepSpeed ZeRO files (``sapiens.zero_to_fp32``).
 
+Self-distillation checkpoints (``task=pretrain_distill``) hold two encoders: the student in
+``state_dict`` (``model.encoder.*``) and the EMA teacher in a top-level ``teacher`` entry (``backbone.*``,
+the form Sapiens2's pretrained-init loader reads). ``weights="teacher"`` (the default) initialises from
+the teacher, as Sapiens2 does; ``weights="student"`` from the student. Files with one set of weights give
+it either way.
+
 Loading is key by key: missing and unexpected keys are reported by name, shape mismatches are an error naming
 the tensor. :func:`identify_checkpoint` tells the family, size, layout and task head of any state dict.
 """
@@ -23,6 +29,7 @@ from torch import nn
 
 from sapiens.checkpoints import sapiens2, vit
 from sapiens.checkpoints.files import (
+    WEIGHT_SOURCES,
     describe_load_failure,
     load_checkpoint_file,
     read_checkpoint,
@@ -51,6 +58,7 @@ __all__ = [
     "rename_keys",
     "to_published_layout",
     "write_safetensors",
+    "WEIGHT_SOURCES",
 ]
 
 # family -> its key table module (rename rules, matches(), identify(), is_published_layout())
@@ -111,16 +119,20 @@ def to_published_layout(state: dict[str, torch.Tensor], family: str) -> dict[str
 
 
 def load_backbone_state(
-    backbone: nn.Module, source: str | Path | dict[str, torch.Tensor], strict: bool = False
+    backbone: nn.Module,
+    source: str | Path | dict[str, torch.Tensor],
+    strict: bool = False,
+    weights: str = "teacher",
 ) -> dict:
     """Initialise ``backbone`` from a checkpoint file or state dict; returns ``{"missing": [...],
     "unexpected": [...]}``.
 
     The ViT adapts a position table of another shape itself (cls row stripped, grid resized bicubically).
     Missing and unexpected keys are logged by name; ``strict`` turns missing keys into an error.
+    ``weights``: the ``teacher`` or ``student`` encoder of a self-distillation checkpoint.
     """
     name = source if not isinstance(source, dict) else "<state dict>"
-    raw = read_checkpoint(source) if not isinstance(source, dict) else source
+    raw = read_checkpoint(source, weights=weights) if not isinstance(source, dict) else source
     family = getattr(backbone, "family", vit.FAMILY)
     found = _family_of(strip_prefix(raw, BACKBONE_PREFIXES))
     if found is not None and found != family:
@@ -163,7 +175,8 @@ def load_head_state(head: nn.Module, source: str | Path | dict[str, torch.Tensor
     missing, unexpected and mismatched key names, not an error.
     """
     name = source if not isinstance(source, dict) else "<state dict>"
-    state = read_checkpoint(source) if not isinstance(source, dict) else source
+    # task heads live in the student's state_dict
+    state = read_checkpoint(source, weights="student") if not isinstance(source, dict) else source
     sub = strip_prefix(state, HEAD_PREFIXES)
     if sub is state:
         return []

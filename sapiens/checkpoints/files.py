@@ -7,6 +7,7 @@ code in a downloaded file can run) and ``.safetensors`` (the published Sapiens2 
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 import re
@@ -17,9 +18,13 @@ from typing import Any
 
 import torch
 
+log = logging.getLogger(__name__)
+
 SAFETENSORS_SUFFIX = ".safetensors"
 # Top-level keys under which torch files keep their tensors (Lightning / mmengine, Accelerate, DINO teacher).
 WRAPPER_KEYS = ("state_dict", "model", "teacher")
+# Which encoder of a self-distillation checkpoint initialises a backbone (sapiens.checkpoints docstring).
+WEIGHT_SOURCES = ("teacher", "student")
 
 
 def describe_load_failure(path: str | Path, err: BaseException) -> str:
@@ -80,20 +85,38 @@ def load_checkpoint_file(path: str | Path, mmap: bool = False) -> Any:
         raise ValueError(f"cannot read checkpoint {path}: {describe_load_failure(path, err)}") from None
 
 
-def read_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, torch.Tensor]:
+def read_checkpoint(
+    path: str | Path, mmap: bool = False, *, weights: str = "teacher"
+) -> dict[str, torch.Tensor]:
     """Load a checkpoint file (``.safetensors``, or torch with ``weights_only=True``); its flat tensor dict.
 
     Torch files may keep tensors under ``state_dict`` (Lightning, mmengine), ``model`` or ``teacher``
-    (Sapiens2's pretrained-init path); ``_clean`` and safetensors files are flat. ``mmap``: map the
-    tensors instead of reading them (a cheap check that the file is usable).
+    (Sapiens2's pretrained-init path); ``_clean`` and safetensors files are flat. A file with a student and
+    a ``teacher`` entry gives the teacher for ``weights="teacher"`` and the student for ``"student"``.
+    ``mmap``: map the tensors instead of reading them (a cheap check that the file is usable).
     """
+    if weights not in WEIGHT_SOURCES:
+        raise ValueError(f"weights must be one of {WEIGHT_SOURCES}, got {weights!r}")
     obj = load_checkpoint_file(path, mmap=mmap)
     if isinstance(obj, dict):
-        wrapped = next((k for k in WRAPPER_KEYS if isinstance(obj.get(k), dict)), None)
-        obj = obj[wrapped] if wrapped else obj
+        obj = _unwrap(obj, weights, Path(path))
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise ValueError(f"{path} does not hold a state dict of tensors")
     return obj
+
+
+def _unwrap(obj: dict, weights: str, path: Path) -> dict:
+    """The tensor dict inside a loaded torch file, for ``weights`` (see :func:`read_checkpoint`)."""
+    student = next((k for k in WRAPPER_KEYS[:2] if isinstance(obj.get(k), dict)), None)
+    if isinstance(obj.get("teacher"), dict) and (weights == "teacher" or student is None):
+        if student is not None:
+            log.info(
+                "%s: using its EMA teacher's weights (task.init_weights=student for the student's)", path
+            )
+        elif weights == "student":
+            log.warning("%s holds only teacher weights; using them", path)
+        return obj["teacher"]
+    return obj[student] if student else obj
 
 
 def write_safetensors(state: dict[str, torch.Tensor], path: str | Path, metadata: dict | None = None) -> Path:

@@ -178,14 +178,10 @@ class PretrainTransform:
     def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
         """Sample -> ``{"image": uint8 (3, out_h, out_w)}``, or a ``DeviceCrop`` (``resize_on="device"``)."""
         image, jpeg, hw = self._source(sample)
-        top, left, crop_h, crop_w = sample_resized_crop(*hw, self.scale, self.ratio, self.rng)
-        factor = dct_scale_for_crop((crop_h, crop_w), self.image_size) if jpeg is not None else 1
+        box = sample_resized_crop(*hw, self.scale, self.ratio, self.rng)
+        factor = dct_scale_for_crop(box[2:], self.image_size) if jpeg is not None else 1
         decoded_hw = (-(-hw[0] // factor), -(-hw[1] // factor))
-        if factor > 1:  # the crop box in pixels of the 1/factor-scale decode
-            sy, sx = decoded_hw[0] / hw[0], decoded_hw[1] / hw[1]
-            top, left = int(top * sy), int(left * sx)
-            crop_h = min(max(1, round(crop_h * sy)), decoded_hw[0] - top)
-            crop_w = min(max(1, round(crop_w * sx)), decoded_hw[1] - left)
+        top, left, crop_h, crop_w = scale_box(box, hw, decoded_hw)
         if self.resize_on == "device":
             flip = bool(self.rng.random() < self.hflip_prob)
             return {
@@ -206,11 +202,32 @@ class PretrainTransform:
         if image is None:
             image = self._decode(sample, lambda: decode_jpeg_at_size(jpeg, decoded_hw, self.fast_decode))
         crop = image[top : top + crop_h, left : left + crop_w]
-        out_h, out_w = self.image_size
+        return {"image": image_to_tensor(self.resize_and_flip(crop, self.image_size))}
+
+    def resize_and_flip(self, crop: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+        """(h, w, 3) uint8 crop -> (H, W, 3) at ``size``, flipped with probability ``hflip_prob``.
+
+        Crops at least twice the output size are resized with ``cv2.INTER_AREA`` when ``antialias``."""
+        out_h, out_w = size
         interpolation = INTERPOLATIONS[self.interpolation]
-        if self.antialias and crop_h >= 2 * out_h and crop_w >= 2 * out_w:
+        if self.antialias and crop.shape[0] >= 2 * out_h and crop.shape[1] >= 2 * out_w:
             interpolation = cv2.INTER_AREA  # a box filter: low-passes as Pillow's resize does
         resized = cv2.resize(crop, (out_w, out_h), interpolation=interpolation)
         if self.rng.random() < self.hflip_prob:
             resized = cv2.flip(resized, 1)  # a new array, not a negative-stride view
-        return {"image": image_to_tensor(resized)}
+        return resized
+
+
+def scale_box(
+    box: tuple[int, int, int, int], hw: tuple[int, int], decoded_hw: tuple[int, int]
+) -> tuple[int, int, int, int]:
+    """A crop box ``(top, left, h, w)`` in pixels of an (H, W) image -> the same box in pixels of its
+    reduced-scale decode of size ``decoded_hw`` (unchanged when the sizes are equal), kept inside it."""
+    if tuple(decoded_hw) == tuple(hw):
+        return box
+    top, left, crop_h, crop_w = box
+    sy, sx = decoded_hw[0] / hw[0], decoded_hw[1] / hw[1]
+    top, left = int(top * sy), int(left * sx)
+    crop_h = min(max(1, round(crop_h * sy)), decoded_hw[0] - top)
+    crop_w = min(max(1, round(crop_w * sx)), decoded_hw[1] - left)
+    return top, left, crop_h, crop_w

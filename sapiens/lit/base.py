@@ -152,8 +152,14 @@ class SapiensModule(L.LightningModule):
         return bool(params) and supported
 
     # ------------------------------------------------------------------ data
+    def image_keys(self, batch: dict) -> list[str]:
+        """Keys of ``batch`` that hold images to resize / normalise after the transfer (``image``; objectives
+        with several views of each image add theirs)."""
+        return ["image"]
+
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
-        """``batch["image"]`` uint8 (B, 3, H, W) -> float ``(x - mean) / std`` on the device.
+        """``batch["image"]`` (and every key of :meth:`image_keys`) uint8 (B, 3, H, W) -> float
+        ``(x - mean) / std`` on the device.
 
         Packed crops (``PretrainTransform(resize_on="device")``) are first resized and flipped
         here, on the device (:func:`sapiens.data.device_resize.resize_crops`).
@@ -162,15 +168,19 @@ class SapiensModule(L.LightningModule):
         precisions and DeepSpeed): Lightning casts float inputs *before* the transfer, when the
         image was still uint8. Float images (already normalised) pass through unchanged.
         """
-        image = batch.get("image") if isinstance(batch, dict) else None
-        if is_packed(image):  # crops from PretrainTransform(resize_on="device")
-            image = resize_crops(image)
-        if isinstance(image, torch.Tensor) and image.dtype == torch.uint8:
-            image = normalize_images(image)
-            if self._trainer is not None:
-                image = self._trainer.precision_plugin.convert_input(image)
-            batch = {**batch, "image": image}
-        return batch
+        if not isinstance(batch, dict):
+            return batch
+        out = dict(batch)
+        for key in self.image_keys(batch):
+            image = batch.get(key)
+            if is_packed(image):  # crops from PretrainTransform(resize_on="device")
+                image = resize_crops(image)
+            if isinstance(image, torch.Tensor) and image.dtype == torch.uint8:
+                image = normalize_images(image)
+                if self._trainer is not None:
+                    image = self._trainer.precision_plugin.convert_input(image)
+                out[key] = image
+        return out
 
     # ------------------------------------------------------------------ non-finite guard
     def guard_loss(self, loss: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from lightning.pytorch.loggers import WandbLogger
 
-from sapiens.checkpoints import load_backbone_state, load_head_state
+from sapiens.checkpoints import WEIGHT_SOURCES, load_backbone_state, load_head_state
 from sapiens.lit.base import SapiensModule
 from sapiens.model_spec import spec_of_module
 from sapiens.models.factory import build_backbone
@@ -36,6 +36,8 @@ class FinetuneModule(SapiensModule):
         init_from: a pretraining checkpoint: ours (Lightning ``.ckpt``), a published ``sapiens_*_clean.pth``
             or a consolidated ZeRO fp32 file; a fine-tuned checkpoint (published or ours) also initialises the
             head when it fits. None trains from random initialisation.
+        init_weights: which encoder of a self-distillation checkpoint (``task=pretrain_distill``) to start
+            from: ``teacher`` (its EMA teacher, the default, as Sapiens2) or ``student``.
         drop_path_rate: stochastic depth (0 in every published config).
         grad_checkpointing: activation checkpointing in every block.
         num_pictures: validation samples drawn in the prediction picture (0 = none).
@@ -49,6 +51,7 @@ class FinetuneModule(SapiensModule):
         image_size: tuple[int, int] = (1024, 768),
         patch_padding: int = 0,
         init_from: str | None = None,
+        init_weights: str = "teacher",
         drop_path_rate: float = 0.0,
         grad_checkpointing: bool = False,
         num_pictures: int = 4,
@@ -69,8 +72,12 @@ class FinetuneModule(SapiensModule):
         )
         self.task = task_head(in_channels=self.backbone.embed_dim, image_size=tuple(image_size))
         self.init_report = None
+        if init_weights not in WEIGHT_SOURCES:
+            raise ValueError(
+                f"config key 'task.init_weights': expected one of {WEIGHT_SOURCES}, got {init_weights!r}"
+            )
         if init_from:  # backbone always; the head too when the file is a fine-tuned model of this task
-            self.init_report = load_backbone_state(self.backbone, init_from)
+            self.init_report = load_backbone_state(self.backbone, init_from, weights=init_weights)
             self.init_report["head"] = load_head_state(self.task.head, init_from)
         self.num_pictures = num_pictures
         self._picture_batch: tuple[dict, torch.Tensor] | None = None

@@ -42,8 +42,12 @@ def masking_ids(
     mask_ratio: float,
     device: torch.device | str = "cpu",
     generator: torch.Generator | None = None,
+    noise: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Draw which tokens each sample keeps: a random ``1 - mask_ratio`` share.
+
+    ``noise`` (B, L) in [0, 1), when given, replaces the uniform draw from ``generator`` (a caller that
+    seeds every sample on its own, e.g. for masks that do not depend on how a batch is split over ranks).
 
     Returns:
         ids_keep (B, K) long raster indices of the kept tokens, K = int(L * (1 - mask_ratio)), at least 1;
@@ -51,7 +55,8 @@ def masking_ids(
         ids_restore (B, L) long, the permutation that puts [kept, removed] tokens back in order.
     """
     keep = max(1, int(length * (1 - mask_ratio)))
-    noise = torch.rand(batch, length, device=device, generator=generator)
+    if noise is None:
+        noise = torch.rand(batch, length, device=device, generator=generator)
     ids_shuffle = noise.argsort(dim=1)  # ascending: the smallest noise is kept
     ids_restore = ids_shuffle.argsort(dim=1)
     mask = torch.ones(batch, length, device=device)
@@ -122,6 +127,18 @@ class MAEDecoder(nn.Module):
         Prefix tokens get the table's (zero) cls row, patches their grid rows. Returns (B, L, p*p*3) pixel
         predictions for every patch (prefix dropped).
         """
+        return self.predict_pixels(self.hidden(latent, ids_restore, pos, num_prefix), num_prefix)
+
+    def predict_pixels(self, hidden: torch.Tensor, num_prefix: int = 1) -> torch.Tensor:
+        """hidden (B, P+L, Dd) from :meth:`hidden` -> (B, L, p*p*3) pixel predictions (prefix dropped)."""
+        return self.decoder_pred(hidden)[:, num_prefix:]
+
+    def hidden(
+        self, latent: torch.Tensor, ids_restore: torch.Tensor, pos: torch.Tensor, num_prefix: int = 1
+    ) -> torch.Tensor:
+        """The decoder's normalised last hidden states (B, P+L, Dd), every patch in raster order (masked
+        ones filled in from the mask token), prefix first; what :meth:`forward` predicts pixels from and
+        what other objectives (the dense self-distillation loss) can read at the masked positions."""
         x = self.decoder_embed(latent)
         b, length = ids_restore.shape
         prefix, kept = x[:, :num_prefix], x[:, num_prefix:]
@@ -130,7 +147,7 @@ class MAEDecoder(nn.Module):
         x = torch.cat([prefix + pos[:, :1], seq + pos[:, 1:]], dim=1)
         for block in self.decoder_blocks:
             x = block(x)
-        return self.decoder_pred(self.decoder_norm(x))[:, num_prefix:]
+        return self.decoder_norm(x)
 
 
 class MaskedAutoencoder(nn.Module):
@@ -180,11 +197,19 @@ class MaskedAutoencoder(nn.Module):
         }
 
     def forward_encoder(
-        self, imgs: torch.Tensor, mask_ratio: float, generator: torch.Generator | None = None
+        self,
+        imgs: torch.Tensor,
+        mask_ratio: float,
+        generator: torch.Generator | None = None,
+        noise: torch.Tensor | None = None,
     ):
-        """imgs: (B, 3, H, W) -> latent (B, P+K, D), mask (B, L), ids_restore (B, L), grid (h, w)."""
+        """imgs: (B, 3, H, W) -> latent (B, P+K, D), mask (B, L), ids_restore (B, L), grid (h, w).
+
+        ``noise`` (B, L): optional per-patch uniform draws that pick the mask (see :func:`masking_ids`)."""
         tokens, grid = self.encoder.embed(imgs)
-        ids_keep, mask, ids_restore = masking_ids(*tokens.shape[:2], mask_ratio, tokens.device, generator)
+        ids_keep, mask, ids_restore = masking_ids(
+            *tokens.shape[:2], mask_ratio, tokens.device, generator, noise
+        )
         latent = self.encoder.encode(gather_tokens(tokens, ids_keep), grid, ids_keep)
         return latent, mask, ids_restore, grid
 
