@@ -143,7 +143,9 @@ def test_finetune_through_train_py_starts_from_the_teacher(distill_run, synth_ro
         [
             "experiment=seg_demo",
             *TINY_FINETUNE,
-            "trainer.max_steps=2",
+            "trainer.max_steps=1",
+            "trainer.limit_val_batches=1",
+            "validate_after_fit=false",
             f"data.root={synth_root}",
             f"paths.output_dir={tmp_path}",
             f"task.init_from={ckpt}",

@@ -170,3 +170,33 @@ def test_sapiens2_activation_formula_matches_autograd(checkpointing):
     assert count_parameters(shape, height, width, cls_token=False) == sum(
         p.numel() for p in model.parameters()
     )
+
+
+def test_distill_memory_counts_the_heads_and_a_replicated_fp32_teacher():
+    from sapiens.memory_model import distill_memory, prototype_head_params
+    from sapiens.models.distill_heads import DistillHeads, PrototypeHead
+
+    head = PrototypeHead(96, prototypes=300, hidden_dim=40, bottleneck_dim=12, layers=3)
+    assert prototype_head_params(96, 300, 40, 12, 3) == sum(p.numel() for p in head.parameters())
+    one_layer = PrototypeHead(96, prototypes=30, bottleneck_dim=12, layers=1)
+    assert prototype_head_params(96, 30, 40, 12, 1) == sum(p.numel() for p in one_layer.parameters())
+    for shared in (True, False):
+        heads = DistillHeads(96, 48, 300, 300, 40, 12, 3, shared=shared)
+        trainable = sum(p.numel() for p in heads.parameters())
+        mem = distill_memory(10_000, 96, 0, 1, 48, 300, 40, 12, 3, shared_head=shared)
+        assert mem.head_states == 16 * trainable  # bf16 params + grads + fp32 AdamW states, unsharded
+        teacher_heads = sum(p.numel() for m in {heads.cls_head, heads.patch_head} for p in m.parameters())
+        assert mem.teacher == 4 * (10_000 + teacher_heads)
+    # ZeRO shards the student heads, never the teacher
+    stage3 = distill_memory(10_000, 96, 3, 8, 48, 300, 40, 12, 3)
+    assert stage3.teacher == distill_memory(10_000, 96, 0, 1, 48, 300, 40, 12, 3).teacher
+    assert stage3.head_states < distill_memory(10_000, 96, 0, 8, 48, 300, 40, 12, 3).head_states
+
+
+def test_distill_report_cli(capsys):
+    main(["--objective", "distill", "--gpus", "8", "--sizes", "sapiens_0.3b"])
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| sapiens_0.3b")]
+    assert len(rows) == 4
+    teacher_gib = float(rows[0].split("|")[5])
+    assert teacher_gib == pytest.approx(4 * 0.33e9 / 1024**3, rel=0.05)  # backbone + DINOv2 head, fp32

@@ -162,3 +162,41 @@ def test_hydra_sweep_through_submitit_launcher(tmp_path, pretrain_data_root):
         run = tmp_path / "sweep" / point
         assert _global_step(run / "checkpoints" / "last.ckpt") == 3, point
         assert max(_logged_steps(run / "metrics.csv")) == 2, point
+
+
+def test_distillation_job_requeues_with_its_teacher(tmp_path, pretrain_data_root):
+    """TASK=pretrain_distill: the hpc checkpoint carries the EMA teacher, centres and schedules, and the
+    requeued 2-rank job (Sapiens2 family) restores them and finishes."""
+    env = {**_env(tmp_path), "TASK": "pretrain_distill", "JOB_NAME": "test-distill"}
+    max_steps = 40
+    overrides = [
+        "experiment=pretrain_distill_demo",
+        *[o for o in TINY if not o.startswith("experiment=")],
+        "model=sapiens2_tiny",
+        "task.heads.prototypes=64",
+        "task.heads.hidden_dim=32",
+        "task.heads.bottleneck_dim=16",
+        f"data.root={pretrain_data_root}",
+        f"trainer.max_steps={max_steps}",
+        "data.epoch_length=1000",
+        "callbacks.checkpoint.every_n_train_steps=5",
+        "logger=csv",
+    ]
+    job = submit(SCRIPT, overrides, env)
+    log = tmp_path / "logs" / f"test-distill-{job}.out"
+    run = tmp_path / "runs" / "pretrain_distill" / job
+    deadline = time.monotonic() + 180
+    while not (run / "checkpoints" / "step_0000005.ckpt").exists():
+        info = job_info(job)
+        assert not is_final(info), f"job ended before step 5: {info['JobState']}"
+        assert time.monotonic() < deadline, "no step-5 checkpoint after 180 s"
+        time.sleep(0.2)
+    subprocess.run(["scancel", "--signal=USR1", job], check=True, timeout=30)
+    wait_for(job, lambda i: int(i.get("Restarts", 0)) >= 1, timeout=60, log=log)
+    info = wait_for(job, is_final, timeout=240, log=log)
+    text = log.read_text()
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", text[-4000:]
+    assert f"Restored all states from the checkpoint at {run / 'hpc_ckpt_1.ckpt'}" in text
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == max_steps and ckpt["distill"]["schedules"]["step"] == max_steps
+    assert "backbone.register_tokens" in ckpt["teacher"]
