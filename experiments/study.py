@@ -13,6 +13,8 @@ commit, command, wall time per phase) and loss-curve PNGs. Every training run is
 
 Extra pretraining variants (e.g. another mask ratio) add one init column each:
 ``--variant mask50=task.mask_ratio=0.5`` pretrains with that override and fine-tunes from it too.
+Pretraining objectives (arms): ``--pretrain mae distill`` pretrains with MAE and with masked reconstruction
++ self-distillation (``task=pretrain_distill``), at the same budget, and fine-tunes from each.
 """
 
 from __future__ import annotations
@@ -39,6 +41,11 @@ from experiments.report import read_metrics_csv  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = tuple(MAIN_METRICS)
+# pretraining arm -> (experiment preset, task name = its run folder under <runs-dir>)
+PRETRAIN_ARMS = {
+    "mae": ("pretrain_demo", "pretrain"),
+    "distill": ("pretrain_distill_demo", "pretrain_distill"),
+}
 FINDINGS_MARKER = "<!-- findings: text below this line is kept when the study is rerun -->"
 
 
@@ -157,10 +164,13 @@ def common_overrides(budget: Budget, data_dir: Path, runs_dir: Path) -> list[str
     ]
 
 
-def pretrain_args(budget: Budget, name: str, overrides: list[str]) -> list[str]:
-    """train.py arguments of the MAE pretraining run ``name``; ``overrides`` win over the budget."""
+def pretrain_args(
+    budget: Budget, name: str, overrides: list[str], experiment: str = "pretrain_demo"
+) -> list[str]:
+    """train.py arguments of the pretraining run ``name`` (``experiment``: the arm's preset, MAE by default);
+    ``overrides`` win over the budget."""
     base = [
-        "experiment=pretrain_demo",
+        f"experiment={experiment}",
         f"run_name={name}",
         f"trainer.max_steps={budget.pretrain_steps}",
         f"data.batch_size={budget.pretrain_batch}",
@@ -219,7 +229,9 @@ def plot_pretrain_losses(runs: list[StudyRun], path: Path) -> None:
     """MAE train/loss (lines) and val/loss (dots) vs step for every pretraining run."""
     fig, ax = plt.subplots(figsize=(4.5, 3.0))
     for run in (r for r in runs if r.task == "pretrain"):
-        train = loss_series(run.run_dir)
+        train = loss_series(run.run_dir, "train/loss_mae") or loss_series(
+            run.run_dir
+        )  # distill: its MAE term
         if train:
             (line,) = ax.plot(*zip(*train, strict=True), label=f"{run.init} train", linewidth=1.2)
             val = loss_series(run.run_dir, "val/loss")
@@ -415,6 +427,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--finetune-steps", type=int, default=None)
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
     parser.add_argument(
+        "--pretrain",
+        nargs="+",
+        default=["mae"],
+        choices=list(PRETRAIN_ARMS),
+        help="pretraining objectives to compare (each fine-tuned): mae, distill (MAE + self-distillation)",
+    )
+    parser.add_argument(
         "--variant",
         action="append",
         default=[],
@@ -452,11 +471,12 @@ def main(argv: list[str] | None = None) -> int:
     def report() -> None:
         write_report(out_dir, runs, phases, budget, command, tasks=args.tasks)
 
-    pretrainings = [("mae", [])] + [(f"mae_{n}", o) for n, o in variants]
-    for init, overrides in pretrainings:
-        run_dir = runs_dir / "pretrain" / init
+    pretrainings = [(arm, arm, []) for arm in args.pretrain] + [(f"mae_{n}", "mae", o) for n, o in variants]
+    for index, (init, arm, overrides) in enumerate(pretrainings):
+        experiment, task_name = PRETRAIN_ARMS[arm]
+        run_dir = runs_dir / task_name / init
         ok, sec = run_train(
-            pretrain_args(budget, init, [*common, *budget.pretrain_extra, *overrides]),
+            pretrain_args(budget, init, [*common, *budget.pretrain_extra, *overrides], experiment),
             run_dir,
             runs_dir / "logs" / f"pretrain_{init}.log",
             env,
@@ -466,7 +486,7 @@ def main(argv: list[str] | None = None) -> int:
         runs.append(StudyRun("pretrain", init, run_dir, ok, sec, overrides))
         report()
         ckpt = run_dir / "checkpoints" / "last.ckpt"
-        inits = [(init, ckpt)] + ([("random", None)] if init == "mae" else [])
+        inits = [(init, ckpt)] + ([("random", None)] if index == 0 else [])
         for ft_init, ft_ckpt in inits:
             total = 0.0
             for task in args.tasks:

@@ -18,17 +18,13 @@ import torch
 
 from sapiens.lit.finetune import FinetuneModule
 from sapiens.tasks.depth import DepthTask
-from tests.conftest import ROOT, TINY_FINETUNE, run_train
+from tests.conftest import ROOT, TINY, TINY_FINETUNE, run_train
 
 pytestmark = pytest.mark.slow
 
 DISTILL_TINY = [
     "experiment=pretrain_distill_demo",
-    "model=vit_tiny",
-    "task.image_size=[64,48]",
-    "task.decoder.dim=32",
-    "task.decoder.depth=1",
-    "task.decoder.heads=4",
+    *(o for o in TINY if not o.startswith(("experiment=", "data.batch_size="))),
     "task.heads.prototypes=64",
     "task.heads.hidden_dim=32",
     "task.heads.bottleneck_dim=16",
@@ -37,12 +33,6 @@ DISTILL_TINY = [
     "task.freeze_prototypes_steps=2",
     "data.batch_size=6",
     "trainer.max_steps=10",
-    "data.num_workers=0",
-    "data.epoch_length=5",
-    "trainer.limit_val_batches=2",
-    "trainer.log_every_n_steps=1",
-    "trainer.enable_progress_bar=false",
-    "trainer.enable_model_summary=false",
     "logger=csv",
     "callbacks.checkpoint.every_n_train_steps=5",
     "callbacks.checkpoint.save_top_k=-1",

@@ -127,3 +127,19 @@ def test_parse_variant():
     for bad in ("mask50", "=task.mask_ratio=0.5", "bad-name=x=1", "x="):
         with pytest.raises(ValueError, match="--variant"):
             parse_variant(bad)
+
+
+@pytest.mark.parametrize("arm", ["mae", "distill"])
+def test_each_pretraining_arm_composes_with_the_study_budget(arm, tmp_path):
+    """``--pretrain mae distill``: every arm's train.py arguments make a valid config of its objective."""
+    from experiments.study import PRETRAIN_ARMS, common_overrides, pretrain_args
+    from sapiens.config import validate_config
+    from tests.test_configs import compose_cfg
+
+    experiment, task_name = PRETRAIN_ARMS[arm]
+    args = pretrain_args(
+        QUICK, arm, [*common_overrides(QUICK, tmp_path, tmp_path), *QUICK.pretrain_extra], experiment
+    )
+    cfg = compose_cfg(args)
+    validate_config(cfg)
+    assert cfg.task.name == task_name and cfg.trainer.max_steps == QUICK.pretrain_steps
