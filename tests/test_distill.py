@@ -254,3 +254,16 @@ def test_prototype_head_logits_are_cosines():
     head = PrototypeHead(12, prototypes=10, hidden_dim=16, bottleneck_dim=6, layers=3)
     logits = head(torch.randn(7, 12) * 100)
     assert logits.shape == (7, 10) and logits.abs().max() <= 1 + 1e-5
+
+
+def test_bf16_student_and_inputs_with_an_fp32_teacher():
+    """What DeepSpeed bf16 does: the student's weights and the batch in bf16, no autocast; the teacher (not
+    handed to DeepSpeed) stays fp32 and runs the bf16 batch under autocast."""
+    mae, heads, teacher, objective = build(SAPIENS2)
+    mae, heads = mae.to(torch.bfloat16), heads.to(torch.bfloat16)
+    bf16_views = [v.to(torch.bfloat16) for v in views()]
+    out = objective(mae, heads, teacher, bf16_views, [], 0.05, noise=noise_for(2, 3))
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and out.loss.dtype == torch.float32
+    assert all(p.dtype == torch.float32 for p in teacher.parameters())
+    assert heads.cls_head.mlp[0].weight.grad.dtype == torch.bfloat16

@@ -144,17 +144,22 @@ class MaskedDistillation(nn.Module):
     # ------------------------------------------------------------------ teacher
     @staticmethod
     @torch.no_grad()
-    def teacher_tokens(teacher: EMATeacher, images: torch.Tensor) -> torch.Tensor:
-        """(N, 3, H, W) -> the teacher's normalised tokens (N, P + L, D), every patch, in fp32 weights.
+    def teacher_logits(
+        teacher: EMATeacher, images: torch.Tensor, masked: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The teacher on every token of (N, 3, H, W): cls logits (N, K) and logits (M, K') of the patches
+        where ``masked`` (N, L) is true, fp32.
 
         Inputs in bf16 / fp16 without an enclosing autocast (DeepSpeed casts the batch, not the ops) run
-        under autocast, so the fp32 teacher takes them without a copy of its weights."""
+        under autocast, so the fp32 teacher takes them without a low-precision copy of its weights."""
         low = images.dtype in (torch.bfloat16, torch.float16) and not torch.is_autocast_enabled(
             images.device.type
         )
         with torch.autocast(images.device.type, dtype=images.dtype, enabled=low):
             tokens, grid = teacher.backbone.embed(images)
-            return teacher.backbone.encode(tokens, grid)
+            tokens = teacher.backbone.encode(tokens, grid)
+            p = teacher.backbone.num_prefix_tokens
+            return teacher.cls_head(tokens[:, 0]).float(), teacher.patch_head(tokens[:, p:][masked]).float()
 
     # ------------------------------------------------------------------ step
     def forward(
@@ -194,9 +199,7 @@ class MaskedDistillation(nn.Module):
 
         # teacher on the unmasked global views
         with torch.no_grad():
-            tokens = self.teacher_tokens(teacher, images)
-            teacher_cls = teacher.cls_head(tokens[:, 0]).float()
-            teacher_patch = teacher.patch_head(tokens[:, p:][masked]).float()
+            teacher_cls, teacher_patch = self.teacher_logits(teacher, images, masked)
             cls_targets = self.cls_centering.targets(teacher_cls, teacher_temp)
             patch_targets = self.patch_centering.targets(teacher_patch, teacher_temp)
             stats = {
