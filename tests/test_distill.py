@@ -267,3 +267,21 @@ def test_bf16_student_and_inputs_with_an_fp32_teacher():
     assert torch.isfinite(out.loss) and out.loss.dtype == torch.float32
     assert all(p.dtype == torch.float32 for p in teacher.parameters())
     assert heads.cls_head.mlp[0].weight.grad.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "key"),
+    [
+        ({"mask_ratio": 0.0}, "task.mask_ratio"),
+        ({"teacher": {"centering": "sk"}}, "task.teacher.centering"),
+        ({"heads": {"protos": 8}}, "task.heads.protos"),
+        ({"loss_weights": {"dino": 1.0}}, "task.loss_weights.dino"),
+    ],
+)
+def test_bad_settings_name_their_config_key(kwargs, key):
+    from sapiens.lit.pretrain_distill import DistillPretrainModule
+
+    with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+        DistillPretrainModule(
+            {"embed_dim": 32, "depth": 1, "num_heads": 4, "patch_size": 16}, (64, 48), **kwargs
+        )

@@ -28,6 +28,7 @@ from sapiens.data.multicrop_transform import views_in_batch
 from sapiens.lit.pretrain import MAEPretrainModule
 from sapiens.models.distill_heads import DistillHeads
 from sapiens.models.distill_health import CollapseConfig, CollapseDetector
+from sapiens.models.distill_losses import CENTERING_MODES
 from sapiens.models.ema_teacher import EMATeacher, cosine_schedule, linear_warmup
 from sapiens.models.masked_distill import (
     HeadConfig,
@@ -108,6 +109,16 @@ class DistillPretrainModule(MAEPretrainModule):
         self.teacher_cfg = _config(TeacherConfig, "teacher", teacher)
         self.collapse_cfg = _config(CollapseConfig, "collapse", collapse)
         weights = _config(LossWeights, "loss_weights", loss_weights)
+        if self.teacher_cfg.centering not in CENTERING_MODES:
+            raise ValueError(
+                f"config key 'task.teacher.centering': expected one of {CENTERING_MODES}, "
+                f"got {self.teacher_cfg.centering!r}"
+            )
+        if not 0.0 < mask_ratio < 1.0:
+            raise ValueError(
+                f"config key 'task.mask_ratio': expected a value in (0, 1) (the patch loss needs masked "
+                f"patches), got {mask_ratio}"
+            )
         h = self.head_cfg
         self.heads = DistillHeads(
             self.model.encoder.embed_dim,
