@@ -191,3 +191,14 @@ def test_ema_teacher_follows_a_zero3_partitioned_student(tmp_path):
     for key, value in result["reference"].items():
         torch.testing.assert_close(result["teacher"][key], value, atol=1e-6, rtol=0, msg=key)
         assert not torch.equal(result["teacher"][key], result["student"][key])
+    # the consolidated fp32 file keeps the teacher entry, and fine-tuning initialisation reads it
+    from sapiens.checkpoints import read_checkpoint
+    from sapiens.zero_to_fp32 import convert_zero_checkpoint
+
+    converted = convert_zero_checkpoint(tmp_path / "zero", tmp_path / "fp32.ckpt")
+    teacher = read_checkpoint(converted)  # weights="teacher" by default
+    assert set(teacher) == set(result["teacher"])
+    for key, value in result["teacher"].items():
+        assert torch.equal(teacher[key].float(), value), key
+    student = read_checkpoint(converted, weights="student")
+    torch.testing.assert_close(student["0.weight"], result["student"]["backbone.0.weight"])

@@ -4,7 +4,9 @@
 
 The student's parameters are partitioned over the ranks; :meth:`EMATeacher.update` must gather them to
 update the full fp32 teacher. The reference EMA is computed from the fully gathered student weights. Rank 0
-writes ``OUT_DIR/result.pt``: the teacher, the reference, and whether the parameters were partitioned.
+writes ``OUT_DIR/result.pt``: the teacher, the reference, and whether the parameters were partitioned. The
+engine also saves a ZeRO checkpoint in ``OUT_DIR/zero`` with the teacher in its client state, as Lightning
+does with the ``teacher`` entry of ``DistillPretrainModule.on_save_checkpoint``.
 """
 
 import os
@@ -57,6 +59,9 @@ def main(out: str, rank: int, world: int, port: int) -> None:
             }
         for key in reference:
             reference[key] = momentum * reference[key] + (1 - momentum) * full[key]
+    engine.save_checkpoint(
+        str(Path(out) / "zero"), client_state={"teacher": teacher.state_dict()}, tag="checkpoint"
+    )
     if rank == 0:
         torch.save(
             {
