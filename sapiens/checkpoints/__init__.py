@@ -9,11 +9,10 @@ One key table per backbone family: :mod:`sapiens.checkpoints.vit` (Sapiens, mmpr
 - Lightning checkpoints of this project (pretraining or fine-tuning), our ``.safetensors`` exports
   (``python -m sapiens.checkpoints.export``) and consolidated DeepSpeed ZeRO files (``sapiens.zero_to_fp32``).
 
-Self-distillation checkpoints (``task=pretrain_distill``) hold two encoders: the student in
-``state_dict`` (``model.encoder.*``) and the EMA teacher in a top-level ``teacher`` entry (``backbone.*``,
-the form Sapiens2's pretrained-init loader reads). ``weights="teacher"`` (the default) initialises from
-the teacher, as Sapiens2 does; ``weights="student"`` from the student. Files with one set of weights give
-it either way.
+Self-distillation checkpoints (``task=pretrain_distill``) hold two encoders: the student in ``state_dict``
+(``model.encoder.*``) and the EMA teacher in a top-level ``teacher`` entry (``backbone.*``, the form
+Sapiens2's pretrained-init loader reads). ``weights="teacher"`` (the default) initialises from the teacher,
+as Sapiens2 does; ``weights="student"`` from the student. Files with one set of weights give it either way.
 
 Loading is key by key: missing and unexpected keys are reported by name, shape mismatches are an error naming
 the tensor. :func:`identify_checkpoint` tells the family, size, layout and task head of any state dict.
