@@ -173,7 +173,7 @@ def test_sapiens2_activation_formula_matches_autograd(checkpointing):
 
 
 def test_distill_memory_counts_the_heads_and_a_replicated_fp32_teacher():
-    from sapiens.memory_model import distill_memory, prototype_head_params
+    from sapiens.distill_memory import distill_memory, prototype_head_params
     from sapiens.models.distill_heads import DistillHeads, PrototypeHead
 
     head = PrototypeHead(96, prototypes=300, hidden_dim=40, bottleneck_dim=12, layers=3)
