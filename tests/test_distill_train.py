@@ -202,3 +202,19 @@ def test_ema_teacher_follows_a_zero3_partitioned_student(tmp_path):
         assert torch.equal(teacher[key].float(), value), key
     student = read_checkpoint(converted, weights="student")
     torch.testing.assert_close(student["0.weight"], result["student"]["backbone.0.weight"])
+
+
+def test_frozen_probe_reads_teacher_and_student_and_prints_baselines(distill_run, synth_root, tmp_path):
+    from experiments.frozen_probe import main
+
+    ckpt = distill_run / "checkpoints" / "last.ckpt"
+    out = tmp_path / "probe.md"
+    argv = ["--data-root", str(synth_root), "--model", "vit_tiny", "--image-size", "64", "48"]
+    results = main(
+        [*argv, "--ckpt", f"distill={ckpt}", "--ckpt", "random=none", "--epochs", "1", "--out", str(out)]
+    )
+    assert set(results) == {(n, t) for n in ("distill", "random") for t in ("seg", "depth")}
+    for (_, task), values in results.items():
+        assert len(values) == 1 and (0 <= values[0] <= 1 if task == "seg" else values[0] > 0)
+    table = out.read_text()
+    assert "| distill |" in table and "| random |" in table and "| trivial baseline |" in table
