@@ -16,15 +16,18 @@ from pathlib import Path
 import pytest
 import torch
 
+from data.synthhumans import render_sample
 from sapiens.lit.finetune import FinetuneModule
+from sapiens.model_spec import ModelSpecError
+from sapiens.predict import Predictor
 from sapiens.tasks.depth import DepthTask
-from tests.conftest import ROOT, TINY, TINY_FINETUNE, run_train
+from tests.conftest import ROOT, TINY, TINY_FINETUNE, overridden, run_train
 
 pytestmark = pytest.mark.slow
 
-DISTILL_TINY = [
+DISTILL_TINY = overridden(
+    [o for o in TINY if not o.startswith("experiment=")],
     "experiment=pretrain_distill_demo",
-    *(o for o in TINY if not o.startswith(("experiment=", "data.batch_size="))),
     "task.heads.prototypes=64",
     "task.heads.hidden_dim=32",
     "task.heads.bottleneck_dim=16",
@@ -37,7 +40,7 @@ DISTILL_TINY = [
     "callbacks.checkpoint.every_n_train_steps=5",
     "callbacks.checkpoint.save_top_k=-1",
     "task.callbacks.reconstruction.every_n_steps=5",
-]
+)
 HEALTH = (
     "train/loss",
     "train/loss_mae",
@@ -130,19 +133,25 @@ def test_finetuning_initialises_from_the_teacher_by_default_or_the_student(disti
 def test_finetune_through_train_py_starts_from_the_teacher(distill_run, synth_root, tmp_path):
     ckpt = distill_run / "checkpoints" / "last.ckpt"
     proc = run_train(
-        [
-            "experiment=seg_demo",
-            *TINY_FINETUNE,
+        overridden(
+            ["experiment=seg_demo", *TINY_FINETUNE],
             "trainer.max_steps=1",
             "trainer.limit_val_batches=1",
             "validate_after_fit=false",
             f"data.root={synth_root}",
             f"paths.output_dir={tmp_path}",
             f"task.init_from={ckpt}",
-        ]
+            "run_name=ft",
+        )
     )
     out = proc.stdout + proc.stderr
     assert "using its EMA teacher's weights" in out and "loaded 29 backbone tensors" in out
+    # The fine-tuned model is a predict input; the distillation checkpoint itself (no task head) is not.
+    image = render_sample(0, height=128, width=96, max_people=1)["image"]
+    finetuned = tmp_path / "seg" / "ft" / "checkpoints" / "last.ckpt"
+    assert Predictor(finetuned, device="cpu")(image).seg is not None
+    with pytest.raises(ModelSpecError, match=r"holds no task head \(a pretraining checkpoint\?\)"):
+        Predictor(ckpt, device="cpu")
 
 
 def _run_ranks(script: str, args_per_rank: list[list[str]], timeout: int = 300) -> None:
