@@ -40,9 +40,9 @@ def markdown_rows(text: str) -> list[list[str]]:
     return [[c.strip() for c in ln.strip("|").split("|")] for ln in lines[1:]]
 
 
-@pytest.mark.parametrize("task", ["pretrain", "finetune"])
+@pytest.mark.parametrize("task", ["pretrain", "finetune", "distill"])
 def test_pretrain_throughput(task: str, tmp_path) -> None:
-    extra = ["--reference", "--rounds", "1"] if task == "pretrain" else []
+    extra = {"pretrain": ["--reference", "--rounds", "1"], "distill": ["--rounds", "1"]}.get(task, [])
     out = run_benchmark(
         "pretrain_throughput",
         "--task",
@@ -69,6 +69,16 @@ def test_pretrain_throughput(task: str, tmp_path) -> None:
         "17",
         "--head-channels",
         "16",
+        "--prototypes",
+        "64",
+        "--head-hidden",
+        "32",
+        "--head-bottleneck",
+        "16",
+        "--local-crops",
+        "1",
+        "--local-size",
+        "32",
         "--flop-check",
         "--profile",
         "1",
@@ -77,6 +87,9 @@ def test_pretrain_throughput(task: str, tmp_path) -> None:
         *extra,
     )
     assert f"task: {task}" in out and "AdamW: fused" in out
+    if task == "distill":  # MAE timed at the same shapes in alternating rounds, then the ratios
+        assert number_after("distill / MAE at the same shapes:", out) > 0
+        assert number_after("process CPU time per step:", out) > 0
     assert number_after("images/s:", out) > 0
     assert number_after("fraction of peak:", out) > 0
     assert "FLOP/s" in out and "measured fp32 torch.mm peak" in out

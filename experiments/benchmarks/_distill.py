@@ -104,3 +104,21 @@ def distill_inputs(args: argparse.Namespace) -> tuple[list[torch.Tensor], list[t
         for _ in range(args.local_crops)
     ]
     return globals_, locals_
+
+
+def add_distill_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``--task distill`` options of ``pretrain_throughput`` (views and heads; defaults DINOv2's)."""
+    parser.add_argument("--global-crops", type=int, default=2, help="distill: global views per image")
+    parser.add_argument("--local-crops", type=int, default=0, help="distill: local views per image")
+    parser.add_argument("--local-size", type=int, default=96, help="distill: local view side (pixels)")
+    parser.add_argument("--prototypes", type=int, default=65536, help="distill: prototypes K (DINOv2)")
+    parser.add_argument("--head-hidden", type=int, default=2048, help="distill: head MLP width")
+    parser.add_argument("--head-bottleneck", type=int, default=256, help="distill: head bottleneck")
+
+
+def describe_distill(args: argparse.Namespace) -> str:
+    """One summary line of the views and heads."""
+    return (
+        f"views: {args.global_crops} global + {args.local_crops} local ({args.local_size} px)  heads: "
+        f"{args.prototypes} prototypes, hidden {args.head_hidden}, bottleneck {args.head_bottleneck}"
+    )

@@ -3,6 +3,7 @@
     python -m experiments.benchmarks.pretrain_throughput --model vit_small --height 256 --width 192 \
         --batch 16 --steps 10 --warmup 2 --device cpu
     python -m experiments.benchmarks.pretrain_throughput --task finetune --model sapiens_0.3b ...
+    python -m experiments.benchmarks.pretrain_throughput --task distill ...   # + MAE, and the ratio
 
 A timed step is a full optimisation step: forward, loss, backward and ``AdamW.step`` on random
 normalised images (data loading is not included; see ``data_pipeline.py`` for that).
@@ -23,6 +24,11 @@ activation checkpointing is not counted, as in the usual MFU definition), matmul
                                                    1x1 conv: h w C_in C_out; final: h w C K)
     step FLOPs    = 3 x 2 x forward multiply-adds  (backward = 2 x forward)
 
+``--task distill`` (masked reconstruction + self-distillation, ``task=pretrain_distill``; step and FLOPs in
+``_distill.py``) also times MAE at the same shapes (model, image size, batch, mask ratio, decoder), the two
+in alternating rounds (best of ``--rounds`` each), and prints the ratio per step (= per image: both steps
+see the same images) in wall-clock and in process CPU time (less sensitive to other processes' load).
+
 ``--flop-check`` also counts one step with ``torch.utils.flop_counter.FlopCounterMode`` and prints
 the ratio (close to 1 when the formula covers the model).
 
@@ -38,6 +44,7 @@ steps goes (``profile_summary.py``); ``--json PATH`` writes the figures.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 import time
@@ -53,6 +60,13 @@ from experiments.benchmarks._common import (
     si,
     synchronize,
     time_steps,
+)
+from experiments.benchmarks._distill import (
+    DistillBench,
+    add_distill_arguments,
+    describe_distill,
+    distill_inputs,
+    distill_step_flops,
 )
 from experiments.benchmarks.profile_summary import profile_steps
 from experiments.benchmarks.reference_mae import ReferenceMAE
@@ -120,8 +134,9 @@ class PoseModel(nn.Module):
         return self.head(self.backbone(images))
 
 
-def build(args: argparse.Namespace) -> tuple[nn.Module, callable, int]:
-    """Model, a ``loss_fn(model) -> scalar`` closure over fixed random inputs, forward MACs/image."""
+def build(args: argparse.Namespace) -> tuple[nn.Module, callable, float, callable | None]:
+    """Model, a ``loss_fn(model) -> scalar`` closure over fixed random inputs, step FLOPs over the batch,
+    and what runs after each optimizer step (the distillation teacher's EMA update; else None)."""
     shape = load_backbone_shape(args.model)
     common = dict(
         img_size=(args.height, args.width),
@@ -133,12 +148,17 @@ def build(args: argparse.Namespace) -> tuple[nn.Module, callable, int]:
         grad_checkpointing=args.grad_checkpointing,
     )
     images = torch.randn(args.batch, 3, args.height, args.width, device=args.device)
+    if args.task == "distill":
+        model = DistillBench(VisionTransformer(**common, pos_embed="sincos", cls_token=True), args)
+        views = distill_inputs(args)
+        flops = distill_step_flops(args, shape, mae_forward_macs, block_macs)
+        return model, lambda m: m(*views), flops, model.update_teacher
     if args.task == "pretrain":
         encoder = VisionTransformer(**common, pos_embed="sincos", cls_token=True)
         decoder = (args.decoder_dim, args.decoder_depth, args.decoder_heads)
         model = MaskedAutoencoder(encoder, *decoder, mask_ratio=args.mask_ratio)
         macs = mae_forward_macs(shape, args.height, args.width, args.mask_ratio, decoder)
-        return model, lambda m: m(images)[0], macs
+        return model, lambda m: m(images)[0], 6.0 * macs * args.batch, None
     try:
         from sapiens.models.heads import HeatmapHead
     except ImportError as err:
@@ -153,7 +173,7 @@ def build(args: argparse.Namespace) -> tuple[nn.Module, callable, int]:
         out_shape = model.to(args.device)(images[:1]).shape
     target = torch.rand(args.batch, *out_shape[1:], device=args.device)
     macs = pose_forward_macs(shape, args.height, args.width, args.keypoints, deconv, conv)
-    return model, lambda m: nn.functional.mse_loss(m(images), target), macs
+    return model, lambda m: nn.functional.mse_loss(m(images), target), 6.0 * macs * args.batch, None
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -162,7 +182,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--task", choices=["pretrain", "finetune"], default="pretrain")
+    parser.add_argument("--task", choices=["pretrain", "finetune", "distill"], default="pretrain")
     parser.add_argument("--model", default="vit_small", help="a conf/model/<name>.yaml")
     parser.add_argument("--height", type=int, default=1024)
     parser.add_argument("--width", type=int, default=1024)
@@ -171,6 +191,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--decoder-dim", type=int, default=512)
     parser.add_argument("--decoder-depth", type=int, default=8)
     parser.add_argument("--decoder-heads", type=int, default=16)
+    add_distill_arguments(parser)
     parser.add_argument("--keypoints", type=int, default=308, help="finetune: heatmap channels K")
     parser.add_argument("--head-channels", type=int, default=768, help="finetune: head width")
     parser.add_argument("--steps", type=int, default=10, help="timed steps")
@@ -195,7 +216,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend (aot_eager...)")
     parser.add_argument("--optimizer", choices=["fused", "foreach"], default="fused", help="AdamW kernel")
     parser.add_argument("--reference", action="store_true", help="also time a plain eager reference MAE")
-    parser.add_argument("--rounds", type=int, default=3, help="--reference: alternating timing rounds")
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="--reference / distill: alternating timing rounds"
+    )
     parser.add_argument("--profile", type=int, default=0, metavar="N", help="profile N steps and summarise")
     parser.add_argument("--json", default=None, help="write the figures to this JSON file")
     parser.add_argument(
@@ -213,8 +236,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def make_step(model: nn.Module, loss_fn, args: argparse.Namespace, device: torch.device):
-    """A full optimisation step of ``model`` (compiled as ``--compile`` says) as a closure."""
+def make_step(model: nn.Module, loss_fn, args: argparse.Namespace, device: torch.device, after_step=None):
+    """A full optimisation step of ``model`` (compiled as ``--compile`` says) as a closure; ``after_step``
+    runs after the optimizer step (the distillation teacher's EMA update)."""
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
         trainable, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05, fused=args.optimizer == "fused"
@@ -232,6 +256,8 @@ def make_step(model: nn.Module, loss_fn, args: argparse.Namespace, device: torch
             loss = loss_fn(runner)
         loss.backward()
         optimizer.step()
+        if after_step is not None:
+            after_step()
 
     return step
 
@@ -257,14 +283,26 @@ def reference_step(args: argparse.Namespace, device: torch.device):
 
 def interleaved_seconds(steps: dict, args: argparse.Namespace, device: torch.device) -> dict[str, float]:
     """Best seconds per step of each of ``steps`` (name -> step) over ``--rounds`` rounds that take
-    turns, so that load that comes and goes on a shared machine hits all of them alike."""
+    turns, so that load that comes and goes on a shared machine hits all of them alike; ``<name>_cpu``:
+    the best process CPU time per step (all threads), which others' load inflates far less."""
     for step in steps.values():  # warm-up (and compilation) once
         time_steps(step, 1, args.warmup, device)
-    best = dict.fromkeys(steps, float("inf"))
+    best = dict.fromkeys([*steps, *(f"{name}_cpu" for name in steps)], float("inf"))
     for _ in range(args.rounds):
         for name, step in steps.items():
+            cpu_start = time.process_time()
             best[name] = min(best[name], time_steps(step, args.steps, 0, device))
+            best[f"{name}_cpu"] = min(best[f"{name}_cpu"], (time.process_time() - cpu_start) / args.steps)
     return best
+
+
+def mae_at_the_same_shapes(args: argparse.Namespace, device: torch.device) -> tuple[callable, float]:
+    """(step, step FLOPs) of MAE with ``args``' model, images, batch, mask ratio and decoder."""
+    mae_args = copy.copy(args)
+    mae_args.task = "pretrain"
+    torch.manual_seed(args.seed)
+    model, loss_fn, flops, _ = build(mae_args)
+    return make_step(model.to(device).train(), loss_fn, mae_args, device), flops
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
@@ -272,10 +310,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     args = parse_args(argv)
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
-    model, loss_fn, macs = build(args)
+    model, loss_fn, step_flops, after_step = build(args)
     model = model.to(device).train()
     params = sum(p.numel() for p in model.parameters())
-    step = make_step(model, loss_fn, args, device)
+    step = make_step(model, loss_fn, args, device, after_step)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     compile_start = time.perf_counter()
@@ -293,10 +331,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             raise SystemExit("--reference compares MAE steps: use it with --task pretrain")
         timed = interleaved_seconds({"ours": step, "reference": reference_step(args, device)}, args, device)
         seconds, ref = timed["ours"], timed["reference"]
+    elif args.task == "distill":
+        mae_step, mae_flops = mae_at_the_same_shapes(args, device)
+        timed = interleaved_seconds({"ours": step, "mae": mae_step}, args, device)
+        seconds = timed["ours"]
     else:
         seconds = time_steps(step, args.steps, args.warmup, device)
     peak_memory = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
-    step_flops = 3 * 2 * macs * args.batch
     achieved = step_flops / seconds
     peak, peak_source = device_peak(device, args.dtype)
     if peak is not None:
@@ -317,11 +358,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         f"image: {args.height}x{args.width}  batch: {args.batch}  dtype: {args.dtype}  "
         f"grad_checkpointing: {args.grad_checkpointing}  compile: {args.compile}  AdamW: {args.optimizer}"
     )
-    if args.task == "pretrain":
+    if args.task in ("pretrain", "distill"):
         print(
             f"mask_ratio: {args.mask_ratio}  decoder: {args.decoder_dim}/{args.decoder_depth}/"
             f"{args.decoder_heads}"
         )
+    if args.task == "distill":
+        print(describe_distill(args))
     print(
         f"device: {where}  threads: {torch.get_num_threads()}  steps: {args.steps} (+{args.warmup} warm-up)"
     )
@@ -329,7 +372,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         print(f"compile: first 2 steps took {warmup_s:.1f} s (compilation included)")
     print(f"seconds/step: {seconds:.4f}")
     print(f"images/s: {results['images_per_s']:.4g}")
-    print(f"model FLOPs/step (analytic, 3 x 2 x MACs): {si(step_flops, 'FLOP')}")
+    how = "3 x 2 x student MACs + 2 x teacher MACs" if args.task == "distill" else "3 x 2 x MACs"
+    print(f"model FLOPs/step (analytic, {how}): {si(step_flops, 'FLOP')}")
     print(f"achieved: {si(achieved, 'FLOP/s')}")
     if peak:
         print(f"peak: {si(peak, 'FLOP/s')} ({peak_source})")
@@ -342,6 +386,22 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         results["reference_seconds_per_step"] = ref
         results["speed_vs_reference"] = ref / seconds
         print(f"reference MAE (PyTorch layers, eager): {ref:.4f} s/step; ours at {ref / seconds:.2f}x")
+    if args.task == "distill":
+        results.update(
+            mae_seconds_per_step=timed["mae"],
+            mae_step_flops=mae_flops,
+            distill_over_mae=seconds / timed["mae"],
+            distill_over_mae_cpu=timed["ours_cpu"] / timed["mae_cpu"],
+        )
+        print(
+            f"distill / MAE at the same shapes: {results['distill_over_mae']:.2f}x the time per step "
+            f"({seconds:.4f} s vs {timed['mae']:.4f} s, best of {args.rounds} alternating rounds; "
+            f"{args.global_crops} global + {args.local_crops} local views per image)"
+        )
+        print(
+            f"process CPU time per step: {timed['ours_cpu']:.4f} s vs {timed['mae_cpu']:.4f} s = "
+            f"{results['distill_over_mae_cpu']:.2f}x; analytic FLOPs: {step_flops / mae_flops:.2f}x"
+        )
     if args.profile:
         print(profile_steps(step, args.profile, device))
     if args.flop_check:
