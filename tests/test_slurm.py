@@ -169,9 +169,9 @@ def test_distillation_job_requeues_with_its_teacher(tmp_path, pretrain_data_root
     requeued 2-rank job (Sapiens2 family) restores them and finishes."""
     env = {**_env(tmp_path), "TASK": "pretrain_distill", "JOB_NAME": "test-distill"}
     max_steps = 40
-    overrides = [
+    overrides = overridden(
+        [o for o in TINY if not o.startswith("experiment=")],  # train.py refuses a key given twice
         "experiment=pretrain_distill_demo",
-        *[o for o in TINY if not o.startswith("experiment=")],
         "model=sapiens2_tiny",
         "task.heads.prototypes=64",
         "task.heads.hidden_dim=32",
@@ -181,7 +181,7 @@ def test_distillation_job_requeues_with_its_teacher(tmp_path, pretrain_data_root
         "data.epoch_length=1000",
         "callbacks.checkpoint.every_n_train_steps=5",
         "logger=csv",
-    ]
+    )
     job = submit(SCRIPT, overrides, env)
     log = tmp_path / "logs" / f"test-distill-{job}.out"
     run = tmp_path / "runs" / "pretrain_distill" / job
