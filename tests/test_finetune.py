@@ -141,6 +141,19 @@ def test_metrics_update_and_compute(name):
     assert picture.ndim == 3 and picture.dtype == np.uint8
 
 
+def test_frozen_backbone_gets_no_gradient_and_stays_in_eval_mode():
+    torch.manual_seed(0)
+    task_head, make_batch = TASKS["seg"]
+    module = FinetuneModule(BACKBONE, task_head, image_size=SIZE, freeze_backbone=True)
+    module.train()  # what Lightning calls after each validation
+    assert not module.backbone.training and module.task.head.training
+    assert not any(p.requires_grad for p in module.backbone.parameters())
+    batch = module.on_after_batch_transfer(make_batch(), 0)
+    module.task.loss(module(batch["image"]), batch).backward()
+    assert all(p.grad is None for p in module.backbone.parameters())
+    assert all(p.grad is not None for p in module.task.head.parameters() if p.requires_grad)
+
+
 def published_clean_state(model: VisionTransformer) -> dict:
     """A checkpoint laid out like ``sapiens_*_clean.pth`` (reference section 5) for ``model``'s shape."""
     state = rename_keys(model.state_dict(), OURS_TO_PUBLISHED)
@@ -227,3 +240,39 @@ def test_finetune_end_to_end_from_pretraining(task, metric, synth_root, pretrain
     assert "loaded 29 backbone tensors" in log
     if task == "pose":
         assert (run_dir / "keypoint_results.json").exists()
+
+
+@pytest.mark.slow
+def test_frozen_backbone_run_trains_the_head_only_and_resumes(synth_root, pretrained_ckpt, tmp_path):
+    """task.freeze_backbone=true through train.py: the checkpoint's backbone is the pretrained one
+    bit for bit, the optimizer holds the head's parameters only, and the run resumes from it."""
+    args = [
+        "experiment=seg_demo",
+        *TINY_FINETUNE,
+        f"data.root={synth_root}",
+        f"paths.output_dir={tmp_path}",
+        "run_name=frozen",
+        f"task.init_from={pretrained_ckpt}",
+        "task.freeze_backbone=true",
+    ]
+    run_train(args)
+    run_dir = tmp_path / "seg" / "frozen"
+    assert "backbone frozen" in (run_dir / "train.rank0.log").read_text()
+    reference = FinetuneModule(BACKBONE, TASKS["seg"][0], image_size=SIZE, init_from=str(pretrained_ckpt))
+    pretrained = reference.backbone.state_dict()
+
+    def check(ckpt):
+        state = ckpt["state_dict"]
+        for name, value in pretrained.items():
+            assert torch.equal(state[f"backbone.{name}"], value), name
+        head = [k for k in state if k.startswith("task.head.")]
+        optimizer_params = [i for g in ckpt["optimizer_states"][0]["param_groups"] for i in g["params"]]
+        assert len(optimizer_params) == len(head)
+        moments = ckpt["optimizer_states"][0]["state"]
+        assert len(moments) == len(head) and all(m["exp_avg"].abs().sum() > 0 for m in moments.values())
+
+    check(torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False))
+    run_train([*args, "trainer.max_steps=12"])  # same run directory: resumes from last.ckpt
+    resumed = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    assert resumed["global_step"] == 12
+    check(resumed)

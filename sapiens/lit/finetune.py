@@ -41,6 +41,9 @@ class FinetuneModule(SapiensModule):
         drop_path_rate: stochastic depth (0 in every published config).
         grad_checkpointing: activation checkpointing in every block.
         num_pictures: validation samples drawn in the prediction picture (0 = none).
+        freeze_backbone: train the head only (a linear-probe-style test of what pretraining learned): the
+            backbone gets ``requires_grad=False``, stays in eval mode, runs without autograd and is left
+            out of the optimizer; it is still saved in (and restored from) checkpoints.
         optimizer, schedule, batch_size, max_consecutive_nonfinite: see :class:`SapiensModule`.
     """
 
@@ -55,6 +58,7 @@ class FinetuneModule(SapiensModule):
         drop_path_rate: float = 0.0,
         grad_checkpointing: bool = False,
         num_pictures: int = 4,
+        freeze_backbone: bool = False,
         optimizer: dict | None = None,
         schedule: dict | None = None,
         batch_size: int = 1,
@@ -79,6 +83,11 @@ class FinetuneModule(SapiensModule):
         if init_from:  # backbone always; the head too when the file is a fine-tuned model of this task
             self.init_report = load_backbone_state(self.backbone, init_from, weights=init_weights)
             self.init_report["head"] = load_head_state(self.task.head, init_from)
+        self.freeze_backbone = bool(freeze_backbone)
+        if self.freeze_backbone:
+            self.backbone.requires_grad_(False)
+            self.backbone.eval()
+            log.info("backbone frozen: only the %s head trains", self.task.name)
         self.num_pictures = num_pictures
         self._picture_batch: tuple[dict, torch.Tensor] | None = None
 
@@ -90,9 +99,20 @@ class FinetuneModule(SapiensModule):
         # What predict / export / mode=validate rebuild the model from (sapiens.model_spec).
         checkpoint["sapiens_model"] = spec_of_module(self).to_dict()
 
+    def train(self, mode: bool = True) -> FinetuneModule:
+        """Lightning switches modes around validation; a frozen backbone stays in eval mode."""
+        super().train(mode)
+        if self.freeze_backbone:
+            self.backbone.eval()
+        return self
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """images (B, 3, H, W) -> the task head's raw output."""
-        return self.task(self.backbone(images))
+        if not self.freeze_backbone:
+            return self.task(self.backbone(images))
+        with torch.no_grad():  # no activations kept for a backward pass that never reaches it
+            features = self.backbone(images)
+        return self.task(features)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = self.task.loss(self(batch["image"]), batch)
