@@ -225,9 +225,15 @@ def build_person(rng: np.random.Generator, position: np.ndarray, yaw: float, per
     nose_c = nose_base + head_rot @ np.array([0.0, 0.0, nose_r * 0.4])
     prims.append(ellipsoid(nose_c, head_rot, np.full(3, nose_r), FACE_NECK, look.skin))
     kp["nose"] = nose_c + head_rot @ np.array([0.0, 0.0, nose_r])
+    eye_r = hr[0] * np.array([0.2, 0.14, 0.1])
     for s, sx in side_x.items():
         kp[f"{s}_eye"] = _on_ellipsoid(head_c, head_rot, hr, (sx * 0.38, 0.12, 0.9))
         kp[f"{s}_ear"] = _on_ellipsoid(head_c, head_rot, hr, (sx * 1.0, 0.0, -0.05))
+        # Dark eyes and (below) a mouth: a face that shows which way the head points.
+        prims.append(ellipsoid(kp[f"{s}_eye"], head_rot, eye_r, FACE_NECK, look.eyes))
+    mouth_c = _on_ellipsoid(head_c, head_rot, hr, (0.0, -0.5, 0.85))
+    mouth_r = hr[0] * np.array([0.32, 0.09, 0.12])
+    prims.append(ellipsoid(mouth_c, head_rot, mouth_r, FACE_NECK, look.mouth))
     if look.hair_style > 0:
         # Hair: an ellipsoid shifted up and back so the face stays uncovered.
         hair_r = hr * np.array([1.07, 1.06, 1.05])

@@ -30,6 +30,11 @@ class Material:
         frequency: pattern cycles per metre.
         phase: pattern offset in cycles.
         specular: strength of the highlight (0..1).
+        front_color: float (3,) RGB of a panel down the front of the shape (a shirt front under an
+            open jacket, a print), or None. "Front" is the +z half of the shape's texture frame, which
+            for torso ellipsoids is the direction the person faces: a front/back cue that real
+            clothing gives and that left/right keypoints need (left is on the image right only
+            for a person seen from the front).
     """
 
     color: np.ndarray
@@ -38,6 +43,7 @@ class Material:
     frequency: float = 10.0
     phase: float = 0.0
     specular: float = 0.1
+    front_color: np.ndarray | None = None
 
 
 @dataclass
@@ -53,6 +59,8 @@ class PersonLook:
     sleeve: int  # 0 none, 1 short, 2 long
     long_pants: bool
     hair_style: int  # 0 none, 1 short, 2 long
+    eyes: Material
+    mouth: Material
 
 
 def random_color(rng: np.random.Generator) -> np.ndarray:
@@ -89,14 +97,32 @@ def sample_look(rng: np.random.Generator) -> PersonLook:
         specular=0.2,
     )
     shoes = Material(random_color(rng) * 0.6, random_color(rng) * 0.6, specular=0.3)
+    upper = garment(rng)
+    if rng.random() < 0.75:  # most tops show a differently coloured front
+        upper.front_color = _contrasting(rng, upper.color)
+    eye_col = rng.uniform(0.03, 0.15) * np.array([1.0, 0.85, 0.7])
+    eyes = Material(eye_col, eye_col, specular=0.4)
+    lip_col = np.clip(tone * np.array([0.75, 0.42, 0.42]), 0.0, 1.0)
+    mouth = Material(lip_col, lip_col, specular=0.15)
     return PersonLook(
         skin=skin,
         hair=hair,
-        upper=garment(rng),
+        upper=upper,
         lower=garment(rng),
         shoes=shoes,
         shirt=bool(rng.random() < 0.9),
         sleeve=int(rng.integers(0, 3)),
         long_pants=bool(rng.random() < 0.6),
         hair_style=int(rng.choice([0, 1, 1, 2])),
+        eyes=eyes,
+        mouth=mouth,
     )
+
+
+def _contrasting(rng: np.random.Generator, color: np.ndarray) -> np.ndarray:
+    """A random colour at least 0.35 (RGB Euclidean) away from ``color``, so the panel shows."""
+    for _ in range(20):
+        candidate = random_color(rng)
+        if np.linalg.norm(candidate - color) >= 0.35:
+            return candidate
+    return np.where(color > 0.5, color * 0.25, 0.75 + color * 0.25)

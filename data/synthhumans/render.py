@@ -236,6 +236,18 @@ def shade(
         on &= (pattern[patterned] == STRIPES) | checker
         albedo = color.copy()
         albedo[patterned] = np.where(on[:, None], color2[patterned], color[patterned])
+    fronted = np.array([m.front_color is not None for m in mats])[index]
+    if fronted.any():
+        # Panel down the front: the +z side of the shape, within 55% of its half-width of the middle.
+        sel = np.flatnonzero(fronted)
+        rot = np.stack([p.rot for p in prims])[index[sel]]
+        radii = np.stack([p.radii for p in prims])[index[sel]]
+        local = np.einsum("ni,nij->nj", points[sel] - np.stack([p.p0 for p in prims])[index[sel]], rot)
+        local /= radii
+        panel = (local[:, 2] > 0.3) & (np.abs(local[:, 0]) < 0.55)
+        front = np.stack([m.front_color if m.front_color is not None else m.color for m in mats])[index[sel]]
+        albedo = albedo.copy()
+        albedo[sel[panel]] = front[panel]
     diffuse = np.clip(normals @ light_dir, 0.0, 1.0)
     half = light_dir[None, :] - rays
     half /= np.linalg.norm(half, axis=1, keepdims=True)

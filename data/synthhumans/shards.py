@@ -33,6 +33,8 @@ def build_split(
     width: int,
     max_count: int = 64,
     progress: bool = True,
+    max_people: int = 3,
+    workers: int = 1,
 ) -> dict[str, Path]:
     """Generate ``num`` images for ``split`` and write the shards of every task; returns shard folders."""
     raw = root / "raw" / split
@@ -45,7 +47,16 @@ def build_split(
     if not (raw / "annotations" / "person_keypoints.json").exists() or not all(
         (raw / d).is_dir() for d in SUBDIRS
     ):
-        generate_dataset(raw, num, seed=seed, height=height, width=width, progress=progress)
+        generate_dataset(
+            raw,
+            num,
+            seed=seed,
+            height=height,
+            width=width,
+            max_people=max_people,
+            workers=workers,
+            progress=progress,
+        )
     opts = {"max_count": max_count, "overwrite": True, "progress": False}
     convert_images(raw / "images", shards["pretrain"], **opts)
     convert_coco(
@@ -72,12 +83,18 @@ def build(
     height: int = 256,
     width: int = 192,
     progress: bool = True,
+    max_people: int = 3,
+    workers: int = 1,
 ) -> Path:
-    """Both splits (different seeds, so validation images are unseen) under ``root``; returns root."""
+    """Both splits (different seeds, so validation images are unseen) under ``root``; returns root.
+
+    ``max_people``: people per image are drawn from 1..max_people; ``workers``: render processes.
+    """
     root = Path(root)
     start = time.perf_counter()
-    build_split(root, "train", num_train, seed, height, width, progress=progress)
-    build_split(root, "val", num_val, seed + 1_000_003, height, width, progress=progress)
+    opts = {"progress": progress, "max_people": max_people, "workers": workers}
+    build_split(root, "train", num_train, seed, height, width, **opts)
+    build_split(root, "val", num_val, seed + 1_000_003, height, width, **opts)
     print(f"SynthHumans ready in {root} ({time.perf_counter() - start:.0f} s)")
     return root
 
@@ -90,8 +107,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--height", type=int, default=256)
     parser.add_argument("--width", type=int, default=192)
+    parser.add_argument("--max-people", type=int, default=3, help="people per image: 1..N")
+    parser.add_argument("--workers", type=int, default=1, help="render processes")
     args = parser.parse_args(argv)
-    build(args.root, args.train, args.val, args.seed, args.height, args.width)
+    build(
+        args.root,
+        args.train,
+        args.val,
+        args.seed,
+        args.height,
+        args.width,
+        max_people=args.max_people,
+        workers=args.workers,
+    )
 
 
 if __name__ == "__main__":
