@@ -19,6 +19,17 @@ from data.synthhumans.render import (
 )
 
 MIN_SEPARATION = 0.6  # metres between people's pelvis ground points
+# People in photographs mostly face the camera: this share faces it within +-FACING_SPREAD radians,
+# the others face any direction (the camera looks along +z, so a yaw of pi faces it).
+FACING_CAMERA_PROB = 0.7
+FACING_SPREAD = 1.0
+
+
+def sample_yaw(rng: np.random.Generator) -> float:
+    """A person's facing direction (radians about +y): mostly towards the camera, else uniform."""
+    if rng.random() < FACING_CAMERA_PROB:
+        return float(np.pi + rng.uniform(-FACING_SPREAD, FACING_SPREAD))
+    return float(rng.uniform(0, 2 * np.pi))
 
 
 def _look_at(position: np.ndarray, target: np.ndarray, roll: float) -> np.ndarray:
@@ -99,10 +110,7 @@ def render_sample(
     """
     rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
     count = int(rng.integers(1, max_people + 1))
-    people = [
-        build_person(rng, pos, float(rng.uniform(0, 2 * np.pi)), i)
-        for i, pos in enumerate(_place_people(rng, count))
-    ]
+    people = [build_person(rng, pos, sample_yaw(rng), i) for i, pos in enumerate(_place_people(rng, count))]
 
     # Camera aimed at the first person, zoomed so they fill a random share of the frame.
     main = people[0]

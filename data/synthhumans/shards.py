@@ -35,10 +35,16 @@ def build_split(
     progress: bool = True,
     max_people: int = 3,
     workers: int = 1,
+    readers: tuple[str, ...] = READERS,
 ) -> dict[str, Path]:
-    """Generate ``num`` images for ``split`` and write the shards of every task; returns shard folders."""
+    """Generate ``num`` images for ``split`` and write the shards of ``readers`` (default: every
+    task); returns the shard folders. ``readers=("pretrain",)`` writes images only, no labels."""
+    unknown = set(readers) - set(READERS)
+    if unknown:
+        raise ValueError(f"readers {sorted(unknown)} unknown; expected some of {READERS}")
     raw = root / "raw" / split
-    shards = {r: root / "shards" / r / split for r in READERS}
+    shards = {r: root / "shards" / r / split for r in readers}
+    labels = set(readers) != {"pretrain"}
     if all(any(p.glob("*.tar")) for p in shards.values() if p.exists()) and all(
         p.exists() for p in shards.values()
     ):
@@ -56,22 +62,29 @@ def build_split(
             max_people=max_people,
             workers=workers,
             progress=progress,
+            labels=labels,
         )
     opts = {"max_count": max_count, "overwrite": True, "progress": False}
-    convert_images(raw / "images", shards["pretrain"], **opts)
-    convert_coco(
-        raw / "annotations" / "person_keypoints.json",
-        raw / "images",
-        shards["pose"],
-        keypoint_set="body17",
-        **opts,
-    )
-    convert_seg(raw / "images", raw / "segs", shards["seg"], **opts)
-    convert_dense("depth", raw / "images", raw / "depths", shards["depth"], masks=raw / "masks", **opts)
-    convert_dense("normal", raw / "images", raw / "normals", shards["normal"], masks=raw / "masks", **opts)
-    convert_pointmap(
-        raw / "images", raw / "depths", raw / "intrinsics", shards["pointmap"], raw / "masks", **opts
-    )
+    if "pretrain" in shards:
+        convert_images(raw / "images", shards["pretrain"], **opts)
+    if "pose" in shards:
+        convert_coco(
+            raw / "annotations" / "person_keypoints.json",
+            raw / "images",
+            shards["pose"],
+            keypoint_set="body17",
+            **opts,
+        )
+    if "seg" in shards:
+        convert_seg(raw / "images", raw / "segs", shards["seg"], **opts)
+    for task in ("depth", "normal"):
+        if task in shards:
+            folder = raw / f"{task}s"
+            convert_dense(task, raw / "images", folder, shards[task], masks=raw / "masks", **opts)
+    if "pointmap" in shards:
+        convert_pointmap(
+            raw / "images", raw / "depths", raw / "intrinsics", shards["pointmap"], raw / "masks", **opts
+        )
     return shards
 
 

@@ -57,10 +57,14 @@ def _flat(kps: np.ndarray) -> list[float]:
     return out
 
 
-def write_sample(root: Path, image_id: int, sample: dict[str, Any]) -> tuple[dict, list[dict]]:
+def write_sample(
+    root: Path, image_id: int, sample: dict[str, Any], labels: bool = True
+) -> tuple[dict, list[dict]]:
     """Write one rendered sample's files; return its COCO image entry and person annotations.
 
     Annotations carry every COCO field except ``id`` (assigned once all samples are known).
+    ``labels=False`` writes the JPEG only (no part, mask, depth or normal files): unlabelled
+    pretraining images at a fraction of the disk space.
     """
     stem = f"{image_id:06d}"
     image = sample["image"]
@@ -68,6 +72,9 @@ def write_sample(root: Path, image_id: int, sample: dict[str, Any]) -> tuple[dic
     (root / "images" / f"{stem}.jpg").write_bytes(
         simplejpeg.encode_jpeg(image, quality=JPEG_QUALITY, colorspace="RGB")
     )
+    entry = {"id": image_id, "file_name": f"{stem}.jpg", "width": width, "height": height}
+    if not labels:
+        return entry, []
     png = [cv2.IMWRITE_PNG_COMPRESSION, 1]
     cv2.imwrite(str(root / "segs" / f"{stem}.png"), sample["seg"], png)
     cv2.imwrite(str(root / "masks" / f"{stem}.png"), sample["mask"], png)
@@ -95,14 +102,13 @@ def write_sample(root: Path, image_id: int, sample: dict[str, Any]) -> tuple[dic
                 "foot_valid": bool(np.any(foot[:, 2] > 0)),
             }
         )
-    entry = {"id": image_id, "file_name": f"{stem}.jpg", "width": width, "height": height}
     return entry, anns
 
 
-def _work(job: tuple[str, int, int, int, int, int]) -> tuple[dict, list[dict]]:
-    root, seed, index, height, width, max_people = job
+def _work(job: tuple[str, int, int, int, int, int, bool]) -> tuple[dict, list[dict]]:
+    root, seed, index, height, width, max_people, labels = job
     sample = render_sample(sample_rng(seed, index), height, width, max_people)
-    return write_sample(Path(root), index + 1, sample)
+    return write_sample(Path(root), index + 1, sample, labels)
 
 
 def generate_dataset(
@@ -114,10 +120,12 @@ def generate_dataset(
     max_people: int = 3,
     workers: int = 1,
     progress: bool = True,
+    labels: bool = True,
 ) -> dict[str, Any]:
     """Render ``num`` samples into ``out`` (raw layout) and write the COCO keypoint file.
 
     Output is identical for a seed whatever ``workers`` is (each sample has its own generator).
+    ``labels=False`` writes images only (and a COCO file without annotations).
 
     Returns:
         summary dict: ``images``, ``persons``, ``seconds``, ``images_per_s``, ``annotation_file``.
@@ -133,7 +141,7 @@ def generate_dataset(
     root = Path(out)
     for sub in SUBDIRS:
         (root / sub).mkdir(parents=True, exist_ok=True)
-    jobs = [(str(root), seed, i, height, width, max_people) for i in range(num)]
+    jobs = [(str(root), seed, i, height, width, max_people, labels) for i in range(num)]
     start = time.perf_counter()
     bar = tqdm(total=num, desc="SynthHumans", unit="img", disable=not progress, dynamic_ncols=True)
     results = []
