@@ -158,3 +158,33 @@ def test_cli_and_contact_sheet(tmp_path, capsys):
     sheet = write_contact_sheet(out, tmp_path / "sheet.png", num=3, per_row=2)
     image = cv2.imread(str(sheet))
     assert image.shape[0] == 2 * 64 and image.shape[1] == 2 * 4 * 48 + 6
+
+
+def test_simple_style_has_plain_backgrounds_and_calmer_poses():
+    """The demo's ``simple`` scenes: smoother backgrounds, limbs nearer the neutral pose."""
+
+    def fg_mask(sample):
+        return (sample["mask"] > 0).astype(np.uint8)
+
+    def background_roughness(sample) -> float:
+        gray = cv2.cvtColor(sample["image"], cv2.COLOR_RGB2GRAY).astype(np.float32)
+        edges = np.abs(cv2.Laplacian(cv2.GaussianBlur(gray, (0, 0), 1.0), cv2.CV_32F))
+        return float(edges[cv2.dilate(fg_mask(sample), np.ones((5, 5), np.uint8)) == 0].mean())
+
+    def wrist_spread(samples) -> float:  # wrist-to-hip distance over torso length, spread
+        ratios = []
+        for s in samples:
+            for p in s["persons"]:
+                k = p["keypoints"]
+                torso = np.linalg.norm(k[5, :2] - k[11, :2]) + 1e-6
+                ratios.append(np.linalg.norm(k[9, :2] - k[11, :2]) / torso)
+        return float(np.std(ratios))
+
+    full = [render_sample(sample_rng(3, i), 128, 96, 1) for i in range(24)]
+    simple = [render_sample(sample_rng(3, i), 128, 96, 1, "simple") for i in range(24)]
+    assert np.mean([background_roughness(s) for s in simple]) < 0.5 * np.mean(
+        [background_roughness(s) for s in full]
+    )
+    assert wrist_spread(simple) < wrist_spread(full)
+    with pytest.raises(ValueError, match="scene style 'hard' unknown"):
+        render_sample(0, 64, 48, 1, "hard")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from data.synthhumans.scene import SCENE_STYLES
 from data.synthhumans.writer import generate_dataset
 
 
@@ -21,6 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--width", type=int, default=192, help="image width in pixels")
     ap.add_argument("--max-people", type=int, default=3, help="people per image: 1..N")
     ap.add_argument("--workers", type=int, default=1, help="worker processes")
+    ap.add_argument("--style", default="full", choices=sorted(SCENE_STYLES), help="scene difficulty")
     ap.add_argument("--contact-sheet", default=None, help="also write a contact sheet PNG here")
     ap.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return ap
@@ -38,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
             width=args.width,
             max_people=args.max_people,
             workers=args.workers,
+            style=args.style,
             progress=not args.no_progress,
         )
     except ValueError as err:

@@ -8,8 +8,12 @@ import numpy as np
 from data.synthhumans.materials import random_color
 
 
-def sample_background(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
-    """A random background image, float32 (H, W, 3) RGB in 0..1."""
+def sample_background(rng: np.random.Generator, height: int, width: int, clutter: bool = True) -> np.ndarray:
+    """A random background image, float32 (H, W, 3) RGB in 0..1.
+
+    ``clutter=False``: a colour gradient with an optional floor only (no stripes, checks, noise or
+    clutter shapes), the ``simple`` scenes.
+    """
     ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
     ys /= height
     xs /= width
@@ -18,7 +22,7 @@ def sample_background(rng: np.random.Generator, height: int, width: int) -> np.n
     ramp = (ramp - ramp.min()) / max(float(np.ptp(ramp)), 1e-6)
     c0, c1 = random_color(rng), random_color(rng)
     img = c0[None, None, :] + (c1 - c0)[None, None, :] * ramp[..., None]
-    texture = int(rng.integers(0, 4))
+    texture = int(rng.integers(0, 4)) if clutter else 0
     if texture == 1:  # stripes
         freq = rng.uniform(3, 25)
         a2 = rng.uniform(0, np.pi)
@@ -39,7 +43,7 @@ def sample_background(rng: np.random.Generator, height: int, width: int) -> np.n
         shade = np.linspace(0.7, 1.0, height - horizon, dtype=np.float32)[:, None, None]
         img[horizon:] = img[horizon:] * 0.3 + floor[None, None, :] * shade * 0.7
     img = np.ascontiguousarray(np.clip(img, 0, 1), dtype=np.float32)
-    for _ in range(int(rng.integers(0, 9))):  # clutter
+    for _ in range(int(rng.integers(0, 9)) if clutter else 0):  # clutter
         color = tuple(float(c) for c in random_color(rng))
         x, y = int(rng.integers(0, width)), int(rng.integers(0, height))
         size = int(rng.integers(max(2, width // 30), max(3, width // 3)))

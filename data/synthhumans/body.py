@@ -131,15 +131,18 @@ def sample_proportions(rng: np.random.Generator) -> Proportions:
     )
 
 
-def sample_pose(rng: np.random.Generator) -> dict[str, float]:
-    """Joint angles inside ``JOINT_LIMITS``: a noisy neutral pose or, 25% of the time, uniform.
+def sample_pose(
+    rng: np.random.Generator, spread_scale: float = 1.0, uniform_prob: float = 0.25
+) -> dict[str, float]:
+    """Joint angles inside ``JOINT_LIMITS``: a noisy neutral pose or, ``uniform_prob`` of the time,
+    uniform. ``spread_scale`` < 1 keeps the noisy poses nearer neutral (the ``simple`` scenes).
 
     Returns:
         name -> radians for the unsided joints and ``left_<name>`` / ``right_<name>`` for the
         sided ones; every value within its limits.
     """
-    spread = float(rng.uniform(0.15, 0.7))
-    uniform = rng.random() < 0.25
+    spread = float(rng.uniform(0.15, 0.7)) * spread_scale
+    uniform = rng.random() < uniform_prob
     names = [n for n in JOINT_LIMITS if n not in SIDED_JOINTS]
     names += [f"{s}_{n}" for s in ("left", "right") for n in SIDED_JOINTS]
     pose = {}
@@ -175,7 +178,14 @@ def _on_ellipsoid(center: np.ndarray, rot: np.ndarray, radii: np.ndarray, direct
     return center + rot @ (d * scale)
 
 
-def build_person(rng: np.random.Generator, position: np.ndarray, yaw: float, person_id: int) -> Person:
+def build_person(
+    rng: np.random.Generator,
+    position: np.ndarray,
+    yaw: float,
+    person_id: int,
+    pose_spread: float = 1.0,
+    uniform_pose_prob: float = 0.25,
+) -> Person:
     """Sample proportions, pose and look, and build the posed person standing at ``position``.
 
     Args:
@@ -183,9 +193,10 @@ def build_person(rng: np.random.Generator, position: np.ndarray, yaw: float, per
         position: float (3,) ground point under the pelvis (y is recomputed so feet touch y=0).
         yaw: facing direction in radians about +y (0 = facing +z).
         person_id: index stored in every primitive.
+        pose_spread, uniform_pose_prob: see ``sample_pose``.
     """
     p = sample_proportions(rng)
-    pose = sample_pose(rng)
+    pose = sample_pose(rng, pose_spread, uniform_pose_prob)
     look = sample_look(rng)
     body_rot = rot_y(yaw) @ rot_x(rng.uniform(-0.08, 0.08)) @ rot_z(rng.uniform(-0.08, 0.08))
     pelvis = np.zeros(3)

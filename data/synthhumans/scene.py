@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import cv2
@@ -25,9 +26,33 @@ FACING_CAMERA_PROB = 0.7
 FACING_SPREAD = 1.0
 
 
-def sample_yaw(rng: np.random.Generator) -> float:
+@dataclass(frozen=True)
+class SceneStyle:
+    """How hard the scenes are. ``full`` is SynthHumans proper; ``simple`` is the demo data:
+    plain backgrounds, poses nearer neutral, more people facing the camera (see README)."""
+
+    clutter: bool = True  # textured backgrounds and clutter shapes
+    pose_spread: float = 1.0  # scale on the joint-angle spread around the neutral pose
+    uniform_pose_prob: float = 0.25  # share of people with uniformly random joint angles
+    facing_camera_prob: float = FACING_CAMERA_PROB
+
+
+SCENE_STYLES = {
+    "full": SceneStyle(),
+    "simple": SceneStyle(clutter=False, pose_spread=0.5, uniform_pose_prob=0.0, facing_camera_prob=0.9),
+}
+
+
+def scene_style(name: str) -> SceneStyle:
+    """The named ``SceneStyle``; a one-line error for an unknown name."""
+    if name not in SCENE_STYLES:
+        raise ValueError(f"scene style {name!r} unknown; expected one of {sorted(SCENE_STYLES)}")
+    return SCENE_STYLES[name]
+
+
+def sample_yaw(rng: np.random.Generator, facing_camera_prob: float = FACING_CAMERA_PROB) -> float:
     """A person's facing direction (radians about +y): mostly towards the camera, else uniform."""
-    if rng.random() < FACING_CAMERA_PROB:
+    if rng.random() < facing_camera_prob:
         return float(np.pi + rng.uniform(-FACING_SPREAD, FACING_SPREAD))
     return float(rng.uniform(0, 2 * np.pi))
 
@@ -86,6 +111,7 @@ def render_sample(
     height: int = 256,
     width: int = 192,
     max_people: int = 3,
+    style: str = "full",
 ) -> dict[str, Any]:
     """Render one random image with exact labels.
 
@@ -93,6 +119,7 @@ def render_sample(
         seed: integer seed or a numpy Generator (consumed).
         height, width: image size in pixels.
         max_people: people per image are drawn uniformly from 1..max_people.
+        style: a ``SCENE_STYLES`` name (``full`` or the easier ``simple``).
 
     Returns:
         dict with
@@ -109,8 +136,14 @@ def render_sample(
         cx = camera cx - 0.5): X = (j - cx) Z / fx exactly.
     """
     rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
+    look = scene_style(style)
     count = int(rng.integers(1, max_people + 1))
-    people = [build_person(rng, pos, sample_yaw(rng), i) for i, pos in enumerate(_place_people(rng, count))]
+    people = [
+        build_person(
+            rng, pos, sample_yaw(rng, look.facing_camera_prob), i, look.pose_spread, look.uniform_pose_prob
+        )
+        for i, pos in enumerate(_place_people(rng, count))
+    ]
 
     # Camera aimed at the first person, zoomed so they fill a random share of the frame.
     main = people[0]
@@ -156,7 +189,7 @@ def render_sample(
     light_color = rng.uniform(0.85, 1.15, 3) * rng.uniform(0.8, 1.25)
     colors = shade(prims, points, normals, fg_rays, fg_index, light, light_color, rng.uniform(0.2, 0.55))
 
-    image = sample_background(rng, height, width)
+    image = sample_background(rng, height, width, look.clutter)
     image[fg] = colors
     if rng.random() < 0.2:
         image = cv2.GaussianBlur(image, (0, 0), rng.uniform(0.3, 1.0))

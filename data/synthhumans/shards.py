@@ -19,6 +19,7 @@ from data.converters.dense import convert_dense
 from data.converters.images import convert_images
 from data.converters.pointmap import convert_pointmap
 from data.converters.seg import convert_seg
+from data.synthhumans.scene import SCENE_STYLES
 from data.synthhumans.writer import SUBDIRS, generate_dataset
 
 READERS = ("pretrain", "pose", "seg", "depth", "normal", "pointmap")
@@ -36,6 +37,7 @@ def build_split(
     max_people: int = 3,
     workers: int = 1,
     readers: tuple[str, ...] = READERS,
+    style: str = "full",
 ) -> dict[str, Path]:
     """Generate ``num`` images for ``split`` and write the shards of ``readers`` (default: every
     task); returns the shard folders. ``readers=("pretrain",)`` writes images only, no labels."""
@@ -63,6 +65,7 @@ def build_split(
             workers=workers,
             progress=progress,
             labels=labels,
+            style=style,
         )
     opts = {"max_count": max_count, "overwrite": True, "progress": False}
     if "pretrain" in shards:
@@ -98,14 +101,16 @@ def build(
     progress: bool = True,
     max_people: int = 3,
     workers: int = 1,
+    style: str = "full",
 ) -> Path:
     """Both splits (different seeds, so validation images are unseen) under ``root``; returns root.
 
-    ``max_people``: people per image are drawn from 1..max_people; ``workers``: render processes.
+    ``max_people``: people per image are drawn from 1..max_people; ``workers``: render processes;
+    ``style``: ``full`` SynthHumans scenes or the easier ``simple`` ones (see ``scene.SCENE_STYLES``).
     """
     root = Path(root)
     start = time.perf_counter()
-    opts = {"progress": progress, "max_people": max_people, "workers": workers}
+    opts = {"progress": progress, "max_people": max_people, "workers": workers, "style": style}
     build_split(root, "train", num_train, seed, height, width, **opts)
     build_split(root, "val", num_val, seed + 1_000_003, height, width, **opts)
     print(f"SynthHumans ready in {root} ({time.perf_counter() - start:.0f} s)")
@@ -122,6 +127,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--width", type=int, default=192)
     parser.add_argument("--max-people", type=int, default=3, help="people per image: 1..N")
     parser.add_argument("--workers", type=int, default=1, help="render processes")
+    parser.add_argument("--style", default="full", choices=sorted(SCENE_STYLES), help="scene difficulty")
     args = parser.parse_args(argv)
     build(
         args.root,
@@ -132,6 +138,7 @@ def main(argv: list[str] | None = None) -> None:
         args.width,
         max_people=args.max_people,
         workers=args.workers,
+        style=args.style,
     )
 
 

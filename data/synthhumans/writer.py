@@ -22,7 +22,7 @@ from pycocotools import mask as mask_utils
 from tqdm import tqdm
 
 from data.synthhumans.body import KEYPOINT_NAMES, NUM_BODY_KEYPOINTS
-from data.synthhumans.scene import render_sample
+from data.synthhumans.scene import render_sample, scene_style
 
 JPEG_QUALITY = 92
 SUBDIRS = ("images", "annotations", "segs", "depths", "normals", "masks", "intrinsics", "pointmaps")
@@ -105,9 +105,9 @@ def write_sample(
     return entry, anns
 
 
-def _work(job: tuple[str, int, int, int, int, int, bool]) -> tuple[dict, list[dict]]:
-    root, seed, index, height, width, max_people, labels = job
-    sample = render_sample(sample_rng(seed, index), height, width, max_people)
+def _work(job: tuple[str, int, int, int, int, int, bool, str]) -> tuple[dict, list[dict]]:
+    root, seed, index, height, width, max_people, labels, style = job
+    sample = render_sample(sample_rng(seed, index), height, width, max_people, style)
     return write_sample(Path(root), index + 1, sample, labels)
 
 
@@ -121,11 +121,13 @@ def generate_dataset(
     workers: int = 1,
     progress: bool = True,
     labels: bool = True,
+    style: str = "full",
 ) -> dict[str, Any]:
     """Render ``num`` samples into ``out`` (raw layout) and write the COCO keypoint file.
 
     Output is identical for a seed whatever ``workers`` is (each sample has its own generator).
-    ``labels=False`` writes images only (and a COCO file without annotations).
+    ``labels=False`` writes images only (and a COCO file without annotations). ``style``: a
+    ``scene.SCENE_STYLES`` name (``full``, or ``simple`` for the demo).
 
     Returns:
         summary dict: ``images``, ``persons``, ``seconds``, ``images_per_s``, ``annotation_file``.
@@ -141,7 +143,8 @@ def generate_dataset(
     root = Path(out)
     for sub in SUBDIRS:
         (root / sub).mkdir(parents=True, exist_ok=True)
-    jobs = [(str(root), seed, i, height, width, max_people, labels) for i in range(num)]
+    scene_style(style)  # an unknown style fails here, not in a worker
+    jobs = [(str(root), seed, i, height, width, max_people, labels, style) for i in range(num)]
     start = time.perf_counter()
     bar = tqdm(total=num, desc="SynthHumans", unit="img", disable=not progress, dynamic_ncols=True)
     results = []
@@ -163,7 +166,7 @@ def generate_dataset(
         for ann in anns:
             annotations.append({"id": len(annotations) + 1, **ann})
     coco = {
-        "info": {"description": "SynthHumans procedural people", "seed": seed},
+        "info": {"description": "SynthHumans procedural people", "seed": seed, "style": style},
         "images": images,
         "annotations": annotations,
         "categories": [_coco_category()],
