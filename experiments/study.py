@@ -58,21 +58,22 @@ class Budget:
     tasks: tuple[str, ...] = TASKS
     seeds: tuple[int, ...] = (0, 1, 2)
     jobs: int = 2  # runs side by side
+    style: str = "simple"  # SynthHumans scene style (the demo's: what the small ViT learns in minutes)
     pretrain_extra: list[str] = field(default_factory=list)
     finetune_extra: list[str] = field(default_factory=list)
 
 
 DEFAULT = Budget(
     pool_images=4000,
-    labelled_images=100,
+    labelled_images=200,
     val_images=100,
     generator_size=(256, 192),
     pretrain_steps=3000,
-    finetune_steps=300,
+    finetune_steps=400,
     finetune_batch=16,
     val_every=100,
 )
-QUICK = replace(DEFAULT, pool_images=2000, pretrain_steps=1200, tasks=("seg", "pose"), finetune_steps=200)
+QUICK = replace(DEFAULT, pool_images=2000, pretrain_steps=1000, tasks=("seg", "pose"), finetune_steps=200)
 SMOKE = Budget(
     pool_images=16,
     labelled_images=8,
@@ -118,10 +119,11 @@ def build_data(budget: Budget, data_dir: Path) -> dict[str, Path]:
     """The unlabelled pool (+ labelled val split) and the labelled subset; returns both roots."""
     h, w = budget.generator_size
     pool, labelled = data_dir / "pool", data_dir / "labelled"
-    build_split(pool, "train", budget.pool_images, 0, h, w, progress=False, workers=2, readers=("pretrain",))
-    build_split(pool, "val", budget.val_images, 1_000_003, h, w, progress=False, workers=2)
+    opts = {"progress": False, "workers": 2, "style": budget.style, "max_people": 2}
+    build_split(pool, "train", budget.pool_images, 0, h, w, readers=("pretrain",), **opts)
+    build_split(pool, "val", budget.val_images, 1_000_003, h, w, **opts)
     # Same seed and indices as the pool: the labelled images are the pool's first images.
-    build_split(labelled, "train", budget.labelled_images, 0, h, w, progress=False, workers=2)
+    build_split(labelled, "train", budget.labelled_images, 0, h, w, **opts)
     return {"pool": pool, "labelled": labelled}
 
 

@@ -270,7 +270,8 @@ def write_report(
         "",
         "## Setup",
         "",
-        f"- SynthHumans rendered at {h}x{w}: {budget.pool_images} unlabelled pool images, the first "
+        f"- SynthHumans `{budget.style}` scenes rendered at {h}x{w}: {budget.pool_images} unlabelled "
+        "pool images, the first "
         f"{budget.labelled_images} of them labelled for fine-tuning, {budget.val_images} validation images",
         f"- fine-tuning: `experiment=<task>_demo` recipes, {budget.finetune_steps} steps of batch "
         f"{budget.finetune_batch}, validation every {budget.val_every} steps; only `task.init_from`, "
