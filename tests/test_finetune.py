@@ -103,7 +103,7 @@ def test_train_step_lowers_loss_on_a_fixed_batch(name):
     assert batch["image"].dtype == torch.float32
     opt = torch.optim.AdamW(module.parameters(), lr=1e-3)
     losses = []
-    for _ in range(25):
+    for _ in range(40):
         loss = module.task.loss(module(batch["image"]), batch)
         opt.zero_grad()
         loss.backward()
