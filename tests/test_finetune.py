@@ -272,7 +272,8 @@ def test_frozen_backbone_run_trains_the_head_only_and_resumes(synth_root, pretra
         assert len(moments) == len(head) and all(m["exp_avg"].abs().sum() > 0 for m in moments.values())
 
     check(torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False))
-    run_train([*args, "trainer.max_steps=12"])  # same run directory: resumes from last.ckpt
+    longer = [a for a in args if not a.startswith("trainer.max_steps=")] + ["trainer.max_steps=12"]
+    run_train(longer)  # same run directory: resumes from last.ckpt
     resumed = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
     assert resumed["global_step"] == 12
     check(resumed)
