@@ -58,6 +58,7 @@ class Budget:
     tasks: tuple[str, ...] = TASKS
     seeds: tuple[int, ...] = (0, 1, 2)
     jobs: int = 2  # runs side by side
+    model: str | None = None  # a conf/model name for every run (None: the demo presets' vit_small)
     style: str = "simple"  # SynthHumans scene style (the demo's: what the small ViT learns in minutes)
     pretrain_extra: list[str] = field(default_factory=list)
     finetune_extra: list[str] = field(default_factory=list)
@@ -139,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tasks", nargs="+", choices=TASKS, default=None)
     parser.add_argument("--seeds", type=int, default=None, help="seeds per arm and init (>= 2)")
     parser.add_argument("--jobs", type=int, default=None, help="runs side by side")
+    parser.add_argument("--model", default=None, help="conf/model name for every run, e.g. sapiens2_tiny")
     args = parser.parse_args(argv)
 
     budget = SMOKE if args.smoke else QUICK if args.quick else DEFAULT
@@ -150,6 +152,14 @@ def main(argv: list[str] | None = None) -> int:
         budget = replace(budget, seeds=tuple(range(args.seeds)))
     if args.jobs is not None:
         budget = replace(budget, jobs=args.jobs)
+    if args.model is not None:  # replaces any model= of the budget (the smoke study's vit_tiny)
+        model = [f"model={args.model}"]
+        budget = replace(
+            budget,
+            model=args.model,
+            pretrain_extra=[a for a in budget.pretrain_extra if not a.startswith("model=")] + model,
+            finetune_extra=[a for a in budget.finetune_extra if not a.startswith("model=")] + model,
+        )
     runs_dir = args.runs_dir.resolve()
     data_dir = (args.data_dir or runs_dir / "datasets").resolve()
     out_dir = args.out_dir.resolve()

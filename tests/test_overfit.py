@@ -38,8 +38,8 @@ DENSE = [
     "model.backbone.patch_size=8",
     "task.train_transform.train=false",
     "task.task_head.dropout=0",
-    "task.optimizer.lr=6e-3",
 ]
+HEAD64 = ["task.task_head.deconv_channels=[64,64]", "task.task_head.conv_channels=[64,64]"]
 OVERRIDES = {
     # 128x96 crops with 16-pixel patches; flips in training so that the flip test is exercised too.
     "pose": [
@@ -60,14 +60,14 @@ OVERRIDES = {
         "task.train_transform.median_blur_prob=0",
         "task.train_transform.coarse_dropout_prob=0",
     ],
-    "seg": [*DENSE, "task.task_head.deconv_channels=[64,64]", "task.task_head.conv_channels=[64,64]"],
+    "seg": [*DENSE, *HEAD64, "task.optimizer.lr=6e-3"],
     "depth": [
         *DENSE,
         "task.task_head.deconv_channels=[32,32,32]",
         "task.task_head.conv_channels=[32,32]",
         "task.optimizer.lr=3e-3",  # 6e-3 makes the SiLog loss jump early on
     ],
-    "normal": [*DENSE, "task.task_head.deconv_channels=[64,64]", "task.task_head.conv_channels=[64,64]"],
+    "normal": [*DENSE, *HEAD64, "task.optimizer.lr=6e-3"],
 }
 STEPS = {"pose": 400, "seg": 400, "depth": 300, "normal": 300}
 METRIC = {"pose": "val/AP", "seg": "val/mIoU", "depth": "val/rmse", "normal": "val/mean_angular_error"}
