@@ -1,25 +1,35 @@
-"""Does MAE pretraining help? A laptop-scale study on SynthHumans in the regime where it should:
-pretraining on many unlabelled images, fine-tuning on a small labelled subset.
+"""Does pretraining help, and which objective? A laptop-scale study on SynthHumans in the regime where it
+should: pretraining on many unlabelled images, fine-tuning on a small labelled subset.
 
-    python -m experiments.study            # the committed study (about an hour on 2 CPU cores)
-    python -m experiments.study --quick    # seg and pose only, smaller (about 15 min)
+    python -m experiments.study            # the committed study, all four tasks
+    python -m experiments.study --quick    # seg and pose only, smaller
     python -m experiments.study --smoke    # a few steps of everything (the tests)
+    python -m experiments.study --inits mae random   # without the self-distillation arm
+
+Without the self-distillation arm the default took about an hour on 2 CPU cores and ``--quick`` about 15
+minutes; that arm adds a pretraining at about 2.9x MAE's CPU time per step (README, Benchmarks, demo shape),
+run beside MAE's, and half as many fine-tunes again.
 
 Steps:
 1. Render an unlabelled pool of SynthHumans images (images only: they cost nothing to label or store)
    and a small labelled subset (the first images of the same stream, with every label) plus a
    validation split.
-2. MAE-pretrain the demo ViT on the pool (``experiment=pretrain_demo``).
-3. Fine-tune every task on the labelled subset from the MAE checkpoint and from random initialisation,
-   in two arms: ``full`` (everything trains, the default recipe) and ``frozen``
-   (``task.freeze_backbone=true``: only the head trains, a probe of what the features hold), each with
-   several seeds (``seed=`` moves the head initialisation and the data order).
+2. Pretrain the demo ViT on the pool once per pretraining objective (``--inits``), the two side by side:
+   MAE (``experiment=pretrain_demo``, run ``pretrain/mae``) and MAE + self-distillation from an EMA
+   teacher (``experiment=pretrain_distill_demo``, run ``pretrain_distill/distill``), same shards and steps.
+3. Fine-tune every task on the labelled subset from each pretraining checkpoint (the distillation's EMA
+   teacher, ``task.init_weights=teacher`` by default) and from random initialisation, in two arms:
+   ``full`` (everything trains, the default recipe) and ``frozen`` (``task.freeze_backbone=true``: only
+   the head trains, a probe of what the features hold), each with several seeds (``seed=`` moves the head
+   initialisation and the data order). Run ``<task>/<arm>_<init>_s<seed>``.
 4. Write ``<out-dir>/README.md``: per arm and task, the mean and standard deviation over seeds of the
-   final validation metric for each initialisation and whether MAE is ahead by more than two standard
-   deviations, per-seed values, validation curves, the MAE loss curve and reconstructions.
+   final validation metric for each initialisation, how far each pretraining is ahead of random
+   initialisation (and self-distillation of MAE) in standard deviations, whether that exceeds two,
+   per-seed values, validation curves, the pretraining losses and reconstructions, time per phase.
 
 Every run is an ordinary ``python train.py ...`` (printed; output in ``<runs-dir>/logs/``), two at a
-time with one thread each. Finished runs are reused when the study is run again.
+time with one thread each. Finished runs are reused when the study is run again, so adding an init to a
+finished study runs only that pretraining and its fine-tunes.
 """
 
 from __future__ import annotations
@@ -35,30 +45,32 @@ from pathlib import Path
 
 from data.synthhumans.shards import build_split
 from experiments.launch import Job, run_jobs
-from experiments.study_report import StudyRun, write_report
+from experiments.study_report import BASELINE, OBJECTIVES, StudyRun, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = ("pose", "seg", "depth", "normal")
 ARMS = ("full", "frozen")
-INITS = ("mae", "random")
+INITS = tuple(OBJECTIVES)  # mae, distill, random
 
 
 @dataclass
 class Budget:
     """Sizes of one study (``DEFAULT``, ``QUICK`` and ``SMOKE`` below)."""
 
-    pool_images: int  # unlabelled images for MAE
+    pool_images: int  # unlabelled images for pretraining
     labelled_images: int  # the labelled fine-tuning subset (the pool's first images)
     val_images: int
     generator_size: tuple[int, int]  # (H, W) of the rendered images
-    pretrain_steps: int
+    pretrain_steps: int  # per pretraining objective
     finetune_steps: int  # per fine-tune, both arms
     finetune_batch: int
     val_every: int  # steps between validations (a nominal epoch)
     tasks: tuple[str, ...] = TASKS
     seeds: tuple[int, ...] = (0, 1, 2)
+    inits: tuple[str, ...] = INITS  # pretraining objectives, plus random initialisation (always)
     jobs: int = 2  # runs side by side
     model: str | None = None  # a conf/model name for every run (None: the demo presets' vit_small)
+    log_every: int = 10  # trainer.log_every_n_steps of every run
     style: str = "simple"  # SynthHumans scene style (the demo's: what the small ViT learns in minutes)
     pretrain_extra: list[str] = field(default_factory=list)
     finetune_extra: list[str] = field(default_factory=list)
@@ -86,6 +98,8 @@ SMOKE = Budget(
     val_every=2,
     tasks=("pose", "seg"),
     seeds=(0, 1),
+    model="vit_tiny",
+    log_every=1,  # the pretrainings' training curves and the teacher's health in 3 steps
     pretrain_extra=[
         "model=vit_tiny",
         "task.image_size=[64,48]",
@@ -116,6 +130,27 @@ def finetune_args(budget: Budget, data: dict[str, Path], run: StudyRun, ckpt: Pa
     ]
 
 
+def pretrain_job(budget: Budget, data: dict[str, Path], init: str, runs_dir: Path, common: list[str]) -> Job:
+    """The ``init`` objective's pretraining on the unlabelled pool (run ``<runs-dir>/<task name>/<init>``)."""
+    preset = OBJECTIVES[init][1]
+    task_name = "pretrain" if init == "mae" else f"pretrain_{init}"  # train.py files runs under task.name
+    return Job(
+        f"pretrain/{init}",
+        [
+            f"experiment={preset}",
+            *common,
+            f"run_name={init}",
+            f"data.train_shards={data['pool']}/shards/pretrain/train",
+            f"data.val_shards={data['pool']}/shards/pretrain/val",
+            f"trainer.max_steps={budget.pretrain_steps}",
+            *budget.pretrain_extra,
+        ],
+        runs_dir / "logs" / f"pretrain_{init}.log",
+        runs_dir / task_name / init,
+        budget.pretrain_steps,
+    )
+
+
 def build_data(budget: Budget, data_dir: Path) -> dict[str, Path]:
     """The unlabelled pool (+ labelled val split) and the labelled subset; returns both roots."""
     h, w = budget.generator_size
@@ -132,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     size = parser.add_mutually_exclusive_group()
-    size.add_argument("--quick", action="store_true", help="seg and pose only, smaller (about 15 min)")
+    size.add_argument("--quick", action="store_true", help="seg and pose only, smaller")
     size.add_argument("--smoke", action="store_true", help="a few steps of everything (tests)")
     parser.add_argument("--out-dir", type=Path, default=ROOT / "experiments" / "study")
     parser.add_argument("--runs-dir", type=Path, default=ROOT / "runs" / "study")
@@ -141,11 +176,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=None, help="seeds per arm and init (>= 2)")
     parser.add_argument("--jobs", type=int, default=None, help="runs side by side")
     parser.add_argument("--model", default=None, help="conf/model name for every run, e.g. sapiens2_tiny")
+    parser.add_argument(
+        "--inits",
+        nargs="+",
+        choices=INITS,
+        default=list(INITS),
+        help="initialisations to compare: mae (MAE pretraining), distill (MAE + self-distillation), "
+        "random (always included: everything is compared against it); default: all three",
+    )
     args = parser.parse_args(argv)
+    if not set(args.inits) - {BASELINE}:
+        parser.error("--inits: name at least one pretraining (mae, distill) to compare with random")
 
     budget = SMOKE if args.smoke else QUICK if args.quick else DEFAULT
     if args.tasks:
         budget = replace(budget, tasks=tuple(args.tasks))
+    budget = replace(budget, inits=tuple(i for i in INITS if i in args.inits or i == BASELINE))
     if args.seeds is not None:
         if args.seeds < 2:
             parser.error("--seeds must be at least 2 (a standard deviation needs two)")
@@ -170,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         "logger=csv",
         "trainer.enable_progress_bar=false",
         "trainer.enable_model_summary=false",
-        "trainer.log_every_n_steps=10",
+        f"trainer.log_every_n_steps={budget.log_every}",
     ]
 
     start = time.perf_counter()
@@ -181,8 +227,9 @@ def main(argv: list[str] | None = None) -> int:
     timings_path = runs_dir / "timings.json"
     done = json.loads(timings_path.read_text()) if timings_path.exists() else {}
 
-    def launch(jobs: list[Job], phase: str) -> None:
-        """Run the jobs not finished in an earlier invocation; record wall and CPU time."""
+    def launch(jobs: list[Job], phase: str | None = None) -> None:
+        """Run the jobs not finished in an earlier invocation; record their wall and CPU time (and the
+        phase's, when named)."""
         todo = [j for j in jobs if j.name not in done or not (j.run_dir / "metrics.csv").exists()]
         for job in jobs:
             if job not in todo:
@@ -194,41 +241,38 @@ def main(argv: list[str] | None = None) -> int:
                 done[job.name] = {"wall": job.wall_s, "cpu": job.cpu_s}
         timings_path.parent.mkdir(parents=True, exist_ok=True)
         timings_path.write_text(json.dumps(done, indent=1))
+        if phase is None:
+            return
         phases[phase] = {
             "wall": time.perf_counter() - t0,
             "cpu": sum(done.get(j.name, {}).get("cpu", 0.0) for j in jobs),
         }
 
-    pretrain_dir = runs_dir / "pretrain" / "mae"
-    pretrain = Job(
-        "pretrain/mae",
-        [
-            "experiment=pretrain_demo",
-            *common,
-            "run_name=mae",
-            f"data.train_shards={data['pool']}/shards/pretrain/train",
-            f"data.val_shards={data['pool']}/shards/pretrain/val",
-            f"trainer.max_steps={budget.pretrain_steps}",
-            *budget.pretrain_extra,
-        ],
-        runs_dir / "logs" / "pretrain_mae.log",
-        pretrain_dir,
-        budget.pretrain_steps,
-    )
-    launch([pretrain], "MAE pretraining")
-    ckpt = pretrain_dir / "checkpoints" / "last.ckpt"
+    pretrain_jobs = {
+        init: pretrain_job(budget, data, init, runs_dir, common) for init in budget.inits if init != BASELINE
+    }
+    launch(list(pretrain_jobs.values()))
+    for init, job in pretrain_jobs.items():  # side by side: one phase each, from the job's own times
+        phases[f"{OBJECTIVES[init][0]} pretraining"] = done.get(job.name, {"wall": 0.0, "cpu": 0.0})
+    pretrain_dirs = {init: job.run_dir for init, job in pretrain_jobs.items()}
+    ckpts = {init: run_dir / "checkpoints" / "last.ckpt" for init, run_dir in pretrain_dirs.items()}
+    for init, ckpt in ckpts.items():
+        if not ckpt.exists():
+            print(f"no checkpoint from the {init} pretraining ({ckpt}): its fine-tunes are skipped")
 
     runs = [
         StudyRun(task, arm, init, seed, runs_dir / task / f"{arm}_{init}_s{seed}")
         for arm in ARMS
         for task in budget.tasks
-        for init in INITS
+        for init in budget.inits
         for seed in budget.seeds
     ]
     for arm in ARMS:
         jobs = []
         for run in (r for r in runs if r.arm == arm):
-            init_ckpt = ckpt if run.init == "mae" else None
+            init_ckpt = ckpts.get(run.init)
+            if init_ckpt is not None and not init_ckpt.exists():
+                continue
             jobs.append(
                 Job(
                     f"{run.task}/{run.name}",
@@ -239,13 +283,13 @@ def main(argv: list[str] | None = None) -> int:
                 )
             )
         launch(jobs, f"fine-tune, {arm} arm ({len(jobs)} runs)")
-        write_report(out_dir, runs, pretrain_dir, phases, budget, command)
+        write_report(out_dir, runs, pretrain_dirs, phases, budget, command)
 
     total_cpu = sum(p["cpu"] for p in phases.values())
     phases["total"] = {"wall": time.perf_counter() - start, "cpu": total_cpu}
-    readme = write_report(out_dir, runs, pretrain_dir, phases, budget, command)
+    readme = write_report(out_dir, runs, pretrain_dirs, phases, budget, command)
     print(f"\nStudy finished in {(time.perf_counter() - start) / 60:.1f} min: {readme}")
-    failed = [r.name for r in runs if not (r.run_dir / "metrics.csv").exists()]
+    failed = [f"{r.task}/{r.name}" for r in runs if not (r.run_dir / "metrics.csv").exists()]
     if failed:
         print(f"runs without results: {', '.join(failed)} (see {runs_dir / 'logs'})")
     return 1 if failed else 0

@@ -1,4 +1,5 @@
-"""The study's report: mean and standard deviation over seeds, separation, per-seed table, curves.
+"""The study's report: each pretraining against random initialisation (and self-distillation against MAE),
+mean and standard deviation over seeds, separation, per-seed table, curves.
 
 Every number is read from the runs' ``metrics.csv``; ``write_report`` can be called at any time (a
 partial study gives a partial table) and keeps the hand-written findings below ``FINDINGS_MARKER``.
@@ -24,12 +25,20 @@ from experiments.report import read_metrics_csv  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 FINDINGS_MARKER = "<!-- findings: text below this line is kept when the study is rerun -->"
-SEPARATION = 2.0  # MAE must lead by more than this many standard deviations
+SEPARATION = 2.0  # a pretraining must lead by more than this many standard deviations
+BASELINE = "random"  # the init every pretraining is compared against
+# init -> (what it is, its pretraining preset; None for random initialisation)
+OBJECTIVES = {
+    "mae": ("MAE", "pretrain_demo"),
+    "distill": ("MAE + self-distillation", "pretrain_distill_demo"),
+    BASELINE: ("random initialisation", None),
+}
+COLORS = {"mae": "tab:blue", "distill": "tab:green", BASELINE: "tab:orange"}
 
 
 @dataclass
 class StudyRun:
-    """One fine-tune: ``task`` in ``arm`` (full | frozen) from ``init`` (mae | random) with ``seed``."""
+    """One fine-tune: ``task`` in ``arm`` (full | frozen) from ``init`` (an ``OBJECTIVES`` key), ``seed``."""
 
     task: str
     arm: str
@@ -56,57 +65,67 @@ def final(run_dir: Path, column: str) -> float | None:
 
 @dataclass
 class Comparison:
-    """MAE vs random init for one (arm, task): per-seed finals, mean, std and the separation."""
+    """``init`` against ``baseline`` for one (arm, task): per-seed finals, mean, std and the separation."""
 
     arm: str
     task: str
-    mae: list[float]
-    random: list[float]
+    values: list[float]  # final metric of the ``init`` runs, one per seed
+    baseline_values: list[float]
+    init: str = "mae"
+    baseline: str = BASELINE
 
     @property
     def higher_is_better(self) -> bool:
         return MAIN_METRICS[self.task][2]
 
-    def stats(self, values: list[float]) -> tuple[float, float]:
+    @staticmethod
+    def stats(values: list[float]) -> tuple[float, float]:
         return mean(values), (stdev(values) if len(values) > 1 else float("nan"))
 
     @property
     def gain(self) -> float:
-        """How far MAE is ahead (positive = better, in the metric's units)."""
-        diff = mean(self.mae) - mean(self.random)
+        """How far ``init`` is ahead of ``baseline`` (positive = better, in the metric's units)."""
+        diff = mean(self.values) - mean(self.baseline_values)
         return diff if self.higher_is_better else -diff
 
     @property
     def separation(self) -> float:
         """The gain in units of the larger of the two seed standard deviations."""
-        spread = max(self.stats(self.mae)[1], self.stats(self.random)[1])
+        spread = max(self.stats(self.values)[1], self.stats(self.baseline_values)[1])
         if spread == 0:
             return float("inf") if self.gain > 0 else float("-inf") if self.gain < 0 else 0.0
         return self.gain / spread
 
     @property
     def separated(self) -> bool:
-        return len(self.mae) > 1 and len(self.random) > 1 and self.separation > SEPARATION
+        return len(self.values) > 1 and len(self.baseline_values) > 1 and self.separation > SEPARATION
+
+
+def finals(runs: list[StudyRun]) -> dict[tuple[str, str, str], list[float]]:
+    """(arm, task, init) -> the final validation metric of each finished seed."""
+    out: dict[tuple[str, str, str], list[float]] = {}
+    for r in runs:
+        value = final(r.run_dir, MAIN_METRICS[r.task][0])
+        if value is not None:
+            out.setdefault((r.arm, r.task, r.init), []).append(value)
+    return out
 
 
 def compare(runs: list[StudyRun]) -> list[Comparison]:
-    """One Comparison per (arm, task) with at least one finished run per init."""
+    """Per (arm, task): every pretrained init against random initialisation, then self-distillation against
+    MAE; only pairs with at least one finished run on each side."""
+    values = finals(runs)
+    inits = list(dict.fromkeys(r.init for r in runs))
+    pairs = [(i, BASELINE) for i in inits if i != BASELINE]
+    if "mae" in inits and "distill" in inits:
+        pairs.append(("distill", "mae"))
     out = []
     for arm in dict.fromkeys(r.arm for r in runs):
         for task in dict.fromkeys(r.task for r in runs):
-            column = MAIN_METRICS[task][0]
-            values = {
-                init: [
-                    v
-                    for r in runs
-                    if (r.arm, r.task, r.init) == (arm, task, init)
-                    for v in [final(r.run_dir, column)]
-                    if v is not None
-                ]
-                for init in ("mae", "random")
-            }
-            if values["mae"] and values["random"]:
-                out.append(Comparison(arm, task, values["mae"], values["random"]))
+            for init, base in pairs:
+                ours, theirs = values.get((arm, task, init)), values.get((arm, task, base))
+                if ours and theirs:
+                    out.append(Comparison(arm, task, ours, theirs, init, base))
     return out
 
 
@@ -120,7 +139,8 @@ def plot_curves(runs: list[StudyRun], path: Path) -> None:
         for j, task in enumerate(tasks):
             ax = axes[i][j]
             column, label, _ = MAIN_METRICS[task]
-            for init, color in (("mae", "tab:blue"), ("random", "tab:orange")):
+            for init in dict.fromkeys(r.init for r in runs):
+                color = COLORS.get(init)
                 mine = [r for r in runs if (r.arm, r.task, r.init) == (arm, task, init)]
                 curves = [c for c in (series(r.run_dir, column) for r in mine) if c]
                 if not curves:
@@ -130,7 +150,7 @@ def plot_curves(runs: list[StudyRun], path: Path) -> None:
                 rows = [[v for _, v in c[:length]] for c in curves]
                 mu = [mean(col) for col in zip(*rows, strict=True)]
                 sd = [stdev(col) if len(col) > 1 else 0.0 for col in zip(*rows, strict=True)]
-                ax.plot(steps, mu, color=color, label=init, linewidth=1.2)
+                ax.plot(steps, mu, "o-", color=color, label=init, linewidth=1.2, ms=2)
                 low = [m - s for m, s in zip(mu, sd, strict=True)]
                 high = [m + s for m, s in zip(mu, sd, strict=True)]
                 ax.fill_between(steps, low, high, color=color, alpha=0.2, linewidth=0)
@@ -145,20 +165,29 @@ def plot_curves(runs: list[StudyRun], path: Path) -> None:
     plt.close(fig)
 
 
-def plot_pretrain_loss(pretrain_dir: Path, path: Path) -> None:
-    """MAE train/loss (line) and val/loss (dots) vs step."""
-    fig, ax = plt.subplots(figsize=(4.5, 2.8))
-    train = series(pretrain_dir, "train/loss")
-    if train:
-        ax.plot(*zip(*train, strict=True), label="train", linewidth=1.0)
-    val = series(pretrain_dir, "val/loss")
-    if val:
-        ax.plot(*zip(*val, strict=True), "o", label="val", ms=3)
-    ax.set_title("MAE loss (norm-pix MSE on masked patches)", fontsize=8)
-    ax.set_xlabel("step", fontsize=8)
-    ax.tick_params(labelsize=7)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=7)
+def plot_pretrain_loss(pretrain_dirs: dict[str, Path], path: Path) -> None:
+    """One panel per pretraining, on a shared left axis: the masked-pixel reconstruction loss in training
+    (train/loss, or its train/loss_mae term when the objective has others) and validation (val/loss, dots);
+    an objective's total loss, when it differs, on the right axis."""
+    n = max(1, len(pretrain_dirs))
+    fig, axes = plt.subplots(1, n, figsize=(4.5 * n, 2.8), sharey=True, squeeze=False)
+    for ax, (init, run_dir) in zip(axes[0], pretrain_dirs.items(), strict=False):
+        total, term = series(run_dir, "train/loss"), series(run_dir, "train/loss_mae")
+        handles = []
+        if term or total:
+            handles += ax.plot(*zip(*(term or total), strict=True), label="train", linewidth=1.0)
+        val = series(run_dir, "val/loss")
+        if val:
+            handles += ax.plot(*zip(*val, strict=True), "o", label="val", ms=3)
+        if term and total:
+            right = ax.twinx()
+            handles += right.plot(*zip(*total, strict=True), "--", color="grey", label="train total (right)")
+            right.tick_params(labelsize=7)
+        ax.set_title(f"{OBJECTIVES[init][0]}: reconstruction loss", fontsize=8)
+        ax.set_xlabel("step", fontsize=8)
+        ax.tick_params(labelsize=7)
+        if handles:
+            ax.legend(handles=handles, fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
@@ -194,38 +223,57 @@ def _pm(values: list[float]) -> str:
     return f"{mean(values):.4f}{sd}"
 
 
-def summary_rows(comparisons: list[Comparison]) -> list[str]:
-    """The main table: one row per (arm, task)."""
-    rows = [
-        "| arm | task | metric | MAE init | random init | MAE ahead by | in std | > 2 std |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for c in comparisons:
-        label = MAIN_METRICS[c.task][1]
-        rows.append(
-            f"| {c.arm} | {c.task} | {label} | {_pm(c.mae)} | {_pm(c.random)} | {c.gain:+.4f} | "
-            f"{c.separation:+.1f} | {'yes' if c.separated else 'no'} |"
-        )
+def summary_rows(runs: list[StudyRun]) -> list[str]:
+    """The main table: per (arm, task) one row per init, random first; each pretrained init against random
+    initialisation and, when both ran, self-distillation against MAE."""
+    values = finals(runs)
+    by_pair = {(c.arm, c.task, c.init, c.baseline): c for c in compare(runs)}
+    inits = list(dict.fromkeys(r.init for r in runs))
+    inits.sort(key=lambda i: i != BASELINE)
+    versus_mae = "mae" in inits and "distill" in inits
+    header = ["arm", "task", "metric", "init", "mean ± std", "ahead of random", "in std", "> 2 std"]
+    header += ["ahead of mae", "in std"] if versus_mae else []
+    rows = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for arm in dict.fromkeys(r.arm for r in runs):
+        for task in dict.fromkeys(r.task for r in runs):
+            if not any(c.arm == arm and c.task == task for c in by_pair.values()):
+                continue  # nothing to compare yet
+            for init in inits:
+                if (arm, task, init) not in values:
+                    continue
+                cells = [arm, task, MAIN_METRICS[task][1], init, _pm(values[(arm, task, init)])]
+                for base in [BASELINE, "mae"] if versus_mae else [BASELINE]:
+                    c = by_pair.get((arm, task, init, base))
+                    cells += [f"{c.gain:+.4f}", f"{c.separation:+.1f}"] if c else ["", ""]
+                    if base == BASELINE:  # the verdict the study is about
+                        cells.append(("yes" if c.separated else "no") if c else "")
+                rows.append("| " + " | ".join(cells) + " |")
     return rows
 
 
-def write_report(
-    out_dir: Path,
-    runs: list[StudyRun],
-    pretrain_dir: Path,
-    phases: dict[str, dict[str, float]],
-    budget,
-    command: str,
-) -> Path:
-    """Write ``out_dir/README.md``, ``curves.png``, ``pretrain_loss.png`` and the reconstructions."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    plot_curves(runs, out_dir / "curves.png")
-    plot_pretrain_loss(pretrain_dir, out_dir / "pretrain_loss.png")
-    pictures = sorted((pretrain_dir / "reconstructions").glob("step_*.png"))
-    if pictures:
-        shutil.copyfile(pictures[-1], out_dir / "mae_reconstructions.png")
-    comparisons = compare(runs)
-    per_seed = [
+def pretraining_rows(pretrain_dirs: dict[str, Path], budget) -> list[str]:
+    """One row per pretraining: preset, steps, final val/loss, and the teacher's health for distillation."""
+    teacher = "distill" in pretrain_dirs
+    rows = [
+        "| init | objective | preset | steps | final val/loss |"
+        + (" teacher: cls entropy, KL to centre |" if teacher else ""),
+        "|---|---|---|---|---|" + ("---|" if teacher else ""),
+    ]
+    for init, run_dir in pretrain_dirs.items():
+        label, preset = OBJECTIVES[init]
+        val = final(run_dir, "val/loss")
+        shown = "missing" if val is None else f"{val:.4f}"
+        row = f"| {init} | {label} | `experiment={preset}` | {budget.pretrain_steps} | {shown} |"
+        if teacher:
+            entropy, kl = final(run_dir, "distill/cls_entropy"), final(run_dir, "distill/cls_kl_center")
+            row += f" {entropy:.3f} nats, {kl:.4f} |" if entropy is not None and kl is not None else "  |"
+        rows.append(row)
+    return rows
+
+
+def per_seed_rows(runs: list[StudyRun]) -> list[str]:
+    """Every run's final metric and val/loss ("missing" for a run without results)."""
+    rows = [
         "| arm | task | init | seed | metric | final | val/loss | run |",
         "|---|---|---|---|---|---|---|---|",
     ]
@@ -234,57 +282,105 @@ def write_report(
         value, loss = final(r.run_dir, column), final(r.run_dir, "val/loss")
         shown = "missing" if value is None else f"{value:.4f}"
         shown_loss = "missing" if loss is None else f"{loss:.4f}"
-        per_seed.append(
+        rows.append(
             f"| {r.arm} | {r.task} | {r.init} | {r.seed} | {column} | {shown} | {shown_loss} "
             f"| `{r.run_dir.name}` |"
         )
-    pre_val = series(pretrain_dir, "val/loss")
+    return rows
+
+
+def write_report(
+    out_dir: Path,
+    runs: list[StudyRun],
+    pretrain_dirs: dict[str, Path],
+    phases: dict[str, dict[str, float]],
+    budget,
+    command: str,
+) -> Path:
+    """Write ``out_dir/README.md``, ``curves.png``, ``pretrain_loss.png`` and ``<init>_reconstructions.png``
+    (the last reconstruction picture of each pretraining in ``pretrain_dirs``: init -> run directory)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plot_curves(runs, out_dir / "curves.png")
+    plot_pretrain_loss(pretrain_dirs, out_dir / "pretrain_loss.png")
+    reconstructions = []
+    for init, run_dir in pretrain_dirs.items():
+        pictures = sorted((run_dir / "reconstructions").glob("step_*.png"))
+        if pictures:
+            shutil.copyfile(pictures[-1], out_dir / f"{init}_reconstructions.png")
+            label = OBJECTIVES[init][0]
+            reconstructions += [
+                f"![{label} reconstructions: original | masked | reconstruction]({init}_reconstructions.png)",
+                "",
+            ]
+    pretrained = [OBJECTIVES[i][0] for i in pretrain_dirs]
+    versus_mae = {"mae", "distill"} <= set(pretrain_dirs)
     h, w = budget.generator_size
     lines = [
-        "# MAE pretraining vs random initialisation on SynthHumans (laptop-scale study)",
+        f"# Pretraining ({'; '.join(pretrained)}) vs random initialisation on SynthHumans "
+        "(laptop-scale study)",
         "",
         "Generated by `experiments/study.py`; every number is read from the runs' `metrics.csv` (final "
         f"validation). Mean ± standard deviation over {len(budget.seeds)} seeds (`seed=` moves the head "
-        "initialisation and the data order; the MAE checkpoint is the same for every seed). "
-        "*MAE ahead by* is in the metric's units (positive = better); *in std* divides it by the larger "
-        "of the two standard deviations; MAE beats random init beyond noise when that exceeds "
-        f"{SEPARATION:g}.",
+        "initialisation and the data order; each pretraining checkpoint is the same for every seed). "
+        "*ahead of random* is in the metric's units (positive = better); *in std* divides it by the larger "
+        "of the two standard deviations; a pretraining beats random initialisation beyond noise when that "
+        f"exceeds {SEPARATION:g}."
+        + (" *ahead of mae* compares self-distillation with MAE the same way." if versus_mae else ""),
         "",
-        *summary_rows(comparisons),
+        *summary_rows(runs),
         "",
         "Higher is better for OKS AP and mIoU, lower for depth RMSE and the mean normal angle. "
-        "`full`: the whole model trains; `frozen`: `task.freeze_backbone=true`, only the head trains.",
+        "`full`: the whole model trains; `frozen`: `task.freeze_backbone=true`, only the head trains. "
+        "Inits: `random` (no pretraining), `mae` (`experiment=pretrain_demo`)"
+        + (
+            ", `distill` (MAE + self-distillation from an EMA teacher, `experiment=pretrain_distill_demo`; "
+            "fine-tuned from its teacher, `task.init_weights=teacher`)."
+            if "distill" in pretrain_dirs
+            else "."
+        ),
         "",
         "![validation curves](curves.png)",
         "",
         "## Pretraining",
         "",
-        f"MAE on {budget.pool_images} unlabelled images, {budget.pretrain_steps} steps "
-        f"(`experiment=pretrain_demo`); final val/loss {pre_val[-1][1]:.4f}."
-        if pre_val
-        else "MAE pretraining: no validation logged.",
+        f"Each objective on the same {budget.pool_images} unlabelled images. val/loss is the masked-pixel "
+        "reconstruction loss (norm-pix MSE on masked patches, fixed masks) for every objective, so the rows "
+        "compare."
+        + (
+            " The distillation's own terms and health signals are in its `metrics.csv` (`train/loss_cls`, "
+            "`train/loss_patch`, `distill/*`); the teacher column is its last logged `distill/cls_entropy` "
+            "and `distill/cls_kl_center` (a KL near 0 means a collapsed teacher)."
+            if "distill" in pretrain_dirs
+            else ""
+        ),
         "",
-        "![MAE loss](pretrain_loss.png)",
+        *pretraining_rows(pretrain_dirs, budget),
         "",
-        "![MAE reconstructions: original | masked | reconstruction](mae_reconstructions.png)",
+        "![pretraining loss](pretrain_loss.png)",
         "",
+        *reconstructions,
         "## Setup",
         "",
         f"- SynthHumans `{budget.style}` scenes rendered at {h}x{w}: {budget.pool_images} unlabelled "
         "pool images, the first "
         f"{budget.labelled_images} of them labelled for fine-tuning, {budget.val_images} validation images",
         f"- model `{budget.model or 'vit_small'}` (`conf/model`) in every run",
+        f"- pretraining: {budget.pretrain_steps} steps per objective",
         f"- fine-tuning: `experiment=<task>_demo` recipes, {budget.finetune_steps} steps of batch "
         f"{budget.finetune_batch}, validation every {budget.val_every} steps; only `task.init_from`, "
         "`task.freeze_backbone` and `seed` differ between runs",
         "",
         "## Per seed",
         "",
-        *per_seed,
+        *per_seed_rows(runs),
         "",
         "## Reproduce",
         "",
         f"```\n{command}\n```",
+        "",
+        "`--inits` chooses the pretrainings (`mae distill random`, the default; random initialisation is "
+        "always run). Finished runs are reused, so adding an init to a finished study runs only its "
+        "pretraining and fine-tunes.",
         "",
         "## Hardware and software",
         "",
@@ -292,7 +388,9 @@ def write_report(
         "",
         "## Time per phase",
         "",
-        "Wall time is what the shared machine gave; CPU time (user + sys of the runs) is the fairer figure.",
+        "Wall time is what the shared machine gave; CPU time (user + sys of the runs) is the fairer figure. "
+        "The pretrainings run side by side, so their wall times overlap; a reused pretraining shows the "
+        "time it took when it ran.",
         "",
         "| phase | wall minutes | CPU minutes |",
         "|---|---|---|",
