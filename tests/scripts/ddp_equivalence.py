@@ -11,6 +11,7 @@ from functools import partial
 
 import lightning as L
 import torch
+from few_step_trainer import few_step_trainer  # tests/scripts/ is sys.path[0]
 from torch.utils.data import DataLoader, Dataset
 
 from sapiens.lit.finetune import FinetuneModule
@@ -43,18 +44,7 @@ def main(devices: int, batch: int, out: str) -> None:
         batch_size=batch,
         num_pictures=0,
     )
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=devices,
-        strategy="ddp" if devices > 1 else "auto",
-        max_steps=3,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        gradient_clip_val=1.0,
-        num_sanity_val_steps=0,
-    )
+    trainer = few_step_trainer(devices)
     trainer.fit(module, DataLoader(FixedPoseData(), batch_size=batch, shuffle=False))
     if trainer.is_global_zero:
         torch.save({k: v.detach().clone() for k, v in module.state_dict().items()}, out)

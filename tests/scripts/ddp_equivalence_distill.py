@@ -13,6 +13,7 @@ import sys
 
 import lightning as L
 import torch
+from few_step_trainer import few_step_trainer  # tests/scripts/ is sys.path[0]
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from sapiens.lit.pretrain_distill import DistillPretrainModule
@@ -69,19 +70,7 @@ def main(devices: int, batch: int, out: str) -> None:
         schedule={"kind": "constant"},
         batch_size=batch,
     )
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=devices,
-        strategy="ddp" if devices > 1 else "auto",
-        max_steps=3,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        gradient_clip_val=1.0,
-        num_sanity_val_steps=0,
-        use_distributed_sampler=False,
-    )
+    trainer = few_step_trainer(devices, use_distributed_sampler=False)
     trainer.fit(module, datamodule=FixedData(batch))
     if trainer.is_global_zero:
         state = {f"student.{k}": v.detach().clone() for k, v in module.state_dict().items()}
