@@ -3,7 +3,7 @@
 A timed step = the student forward on G masked global views (+ M local views), the teacher forward on the
 G unmasked views (no backward), losses, backward, ``AdamW.step`` and the teacher's EMA update.
 
-FLOPs, with ``mae_forward_macs`` and ``block_macs`` of ``pretrain_throughput`` (per image):
+FLOPs, with ``mae_forward_macs`` and ``block_macs`` of ``flops.py`` (per image):
 
     student forward  = G x MAE forward (encoder on kept tokens, decoder on all)
                      + M x (patch embed + depth x block(l + 1, D)) on the l-token local views
