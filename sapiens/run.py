@@ -23,6 +23,7 @@ from sapiens.callbacks.atomic_checkpoint_io import AtomicCheckpointIO
 from sapiens.callbacks.compile_time import CompileTimeLogger
 from sapiens.config import TASK_ONLY_KEYS
 from sapiens.console import quiet_third_party_noise
+from sapiens.cpu_malloc import keep_freed_memory
 from sapiens.data.datamodule import ShardDataModule
 from sapiens.models.regional_compile import compile_options, compile_regions
 from sapiens.preflight import preflight
@@ -148,6 +149,12 @@ def set_cpu_threads(cfg: DictConfig) -> None:
 def setup_run(cfg: DictConfig) -> tuple[Path, ShardDataModule, L.LightningModule]:
     """What fitting and ``mode=validate`` start with: CPU threads, seed, the run directory, data, module."""
     set_cpu_threads(cfg)
+    if (
+        cfg.trainer.get("accelerator") == "cpu"
+        and cfg.get("cpu_keep_freed_memory", True)
+        and keep_freed_memory()
+    ):
+        log.info("glibc malloc keeps freed memory (cpu_keep_freed_memory=true): steps do not re-fault it")
     set_matmul_precision(cfg)
     L.seed_everything(cfg.seed, workers=True)
     run_dir = Path(cfg.paths.run_dir)
