@@ -101,14 +101,18 @@ SMOKE = Budget(
     model="vit_tiny",
     log_every=1,  # the pretrainings' training curves and the teacher's health in 3 steps
     pretrain_extra=[
-        "model=vit_tiny",
         "task.image_size=[64,48]",
         "data.batch_size=4",
         "data.epoch_length=3",
         "task.callbacks.reconstruction.every_n_steps=1",
     ],
-    finetune_extra=["model=vit_tiny", "task.image_size=[64,48]", "task.num_pictures=0"],
+    finetune_extra=["task.image_size=[64,48]", "task.num_pictures=0"],
 )
+
+
+def model_args(budget: Budget) -> list[str]:
+    """The ``model=`` override of every run ([] keeps the presets' model)."""
+    return [f"model={budget.model}"] if budget.model else []
 
 
 def finetune_args(budget: Budget, data: dict[str, Path], run: StudyRun, ckpt: Path | None) -> list[str]:
@@ -126,6 +130,7 @@ def finetune_args(budget: Budget, data: dict[str, Path], run: StudyRun, ckpt: Pa
         f"data.epoch_length={budget.val_every}",
         "trainer.limit_val_batches=null",
         "validate_after_fit=false",  # the last nominal epoch ends on the last step and validates
+        *model_args(budget),
         *budget.finetune_extra,
     ]
 
@@ -143,6 +148,7 @@ def pretrain_job(budget: Budget, data: dict[str, Path], init: str, runs_dir: Pat
             f"data.train_shards={data['pool']}/shards/pretrain/train",
             f"data.val_shards={data['pool']}/shards/pretrain/val",
             f"trainer.max_steps={budget.pretrain_steps}",
+            *model_args(budget),
             *budget.pretrain_extra,
         ],
         runs_dir / "logs" / f"pretrain_{init}.log",
@@ -198,14 +204,8 @@ def main(argv: list[str] | None = None) -> int:
         budget = replace(budget, seeds=tuple(range(args.seeds)))
     if args.jobs is not None:
         budget = replace(budget, jobs=args.jobs)
-    if args.model is not None:  # replaces any model= of the budget (the smoke study's vit_tiny)
-        model = [f"model={args.model}"]
-        budget = replace(
-            budget,
-            model=args.model,
-            pretrain_extra=[a for a in budget.pretrain_extra if not a.startswith("model=")] + model,
-            finetune_extra=[a for a in budget.finetune_extra if not a.startswith("model=")] + model,
-        )
+    if args.model is not None:  # replaces the budget's model (the smoke study's vit_tiny)
+        budget = replace(budget, model=args.model)
     runs_dir = args.runs_dir.resolve()
     data_dir = (args.data_dir or runs_dir / "datasets").resolve()
     out_dir = args.out_dir.resolve()
