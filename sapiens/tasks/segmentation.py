@@ -64,8 +64,11 @@ class SegmentationTask(Task):
         self.metric = SegmentationMetrics(n, ignore_index=255, class_names=self.classes.names)
 
     def loss(self, outputs: torch.Tensor, batch: dict) -> torch.Tensor:
-        loss = self.loss_fn(outputs, batch["seg"])
-        return loss if self.dice is None else loss + self.dice(outputs, batch["seg"])
+        labels = batch["seg"]
+        if self.dice is not None:  # resize the logits to the labels once, not once per term
+            outputs = torch.nn.functional.interpolate(outputs.float(), size=labels.shape[-2:], mode="bilinear")
+        loss = self.loss_fn(outputs, labels)
+        return loss if self.dice is None else loss + self.dice(outputs, labels)
 
     def update_metrics(self, outputs: torch.Tensor, batch: dict) -> None:
         self.metric.update(outputs, batch["seg"])
