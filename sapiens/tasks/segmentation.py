@@ -66,7 +66,8 @@ class SegmentationTask(Task):
     def loss(self, outputs: torch.Tensor, batch: dict) -> torch.Tensor:
         labels = batch["seg"]
         if self.dice is not None:  # resize the logits to the labels once, not once per term
-            outputs = torch.nn.functional.interpolate(outputs.float(), size=labels.shape[-2:], mode="bilinear")
+            size = tuple(labels.shape[-2:])
+            outputs = torch.nn.functional.interpolate(outputs.float(), size=size, mode="bilinear")
         loss = self.loss_fn(outputs, labels)
         return loss if self.dice is None else loss + self.dice(outputs, labels)
 
