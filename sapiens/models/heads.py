@@ -26,6 +26,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+# The published backbones' patch size: a head's ``output_stride`` assumes it (8-pixel patches halve it).
 BACKBONE_STRIDE = 16
 
 # Published channel counts (reference sapiens.md 3a-3d).
