@@ -70,6 +70,7 @@ class Budget:
     inits: tuple[str, ...] = INITS  # pretraining objectives, plus random initialisation (always)
     jobs: int = 2  # runs side by side
     model: str | None = "vit_small"  # a conf/model name for every run (None: the demo presets' model)
+    study_heads: bool = True  # STUDY_HEADS (16-pixel patches); False: the demo presets' heads (8-pixel)
     log_every: int = 10  # trainer.log_every_n_steps of every run
     style: str = "simple"  # SynthHumans scene style (the demo's: what the small ViT learns in minutes)
     pretrain_extra: list[str] = field(default_factory=list)
@@ -142,7 +143,7 @@ def finetune_args(budget: Budget, data: dict[str, Path], run: StudyRun, ckpt: Pa
         "trainer.limit_val_batches=null",
         "validate_after_fit=false",  # the last nominal epoch ends on the last step and validates
         *model_args(budget),
-        *STUDY_HEADS[run.task],
+        *(STUDY_HEADS[run.task] if budget.study_heads else []),
         *budget.finetune_extra,
     ]
 
@@ -195,6 +196,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=None, help="runs side by side")
     parser.add_argument("--model", default=None, help="conf/model name for every run, e.g. sapiens2_tiny")
     parser.add_argument(
+        "--heads",
+        choices=["study", "presets"],
+        default="study",
+        help="study: STUDY_HEADS, for 16-pixel patches (the committed results); presets: the demo presets' "
+        "heads, for --model vit_small_p8",
+    )
+    parser.add_argument(
         "--inits",
         nargs="+",
         choices=INITS,
@@ -218,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         budget = replace(budget, jobs=args.jobs)
     if args.model is not None:  # replaces the budget's model (the smoke study's vit_tiny)
         budget = replace(budget, model=args.model)
+    budget = replace(budget, study_heads=args.heads == "study")
     runs_dir = args.runs_dir.resolve()
     data_dir = (args.data_dir or runs_dir / "datasets").resolve()
     out_dir = args.out_dir.resolve()

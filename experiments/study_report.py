@@ -364,7 +364,8 @@ def write_report(
         f"- SynthHumans `{budget.style}` scenes rendered at {h}x{w}: {budget.pool_images} unlabelled "
         "pool images, the first "
         f"{budget.labelled_images} of them labelled for fine-tuning, {budget.val_images} validation images",
-        f"- model `{budget.model or 'vit_small'}` (`conf/model`) in every run",
+        f"- model `{budget.model or 'vit_small'}` (`conf/model`) in every run; heads: "
+        + ("`STUDY_HEADS` (`experiments/study.py`)" if budget.study_heads else "the demo presets'"),
         f"- pretraining: {budget.pretrain_steps} steps per objective",
         f"- fine-tuning: `experiment=<task>_demo` recipes, {budget.finetune_steps} steps of batch "
         f"{budget.finetune_batch}, validation every {budget.val_every} steps; only `task.init_from`, "

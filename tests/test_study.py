@@ -10,7 +10,7 @@ import matplotlib.pyplot as plt
 import pytest
 import yaml
 
-from experiments.study import ARMS, INITS, SMOKE
+from experiments.study import ARMS, DEFAULT, INITS, SMOKE, STUDY_HEADS, finetune_args
 from experiments.study_report import (
     FINDINGS_MARKER,
     MAIN_METRICS,
@@ -264,3 +264,16 @@ def test_report_of_a_partial_study_lists_missing_runs(tmp_path):
     assert "| full | seg | distill | 0 | val/mIoU | missing |" in text
     assert "| distill | MAE + self-distillation | `experiment=pretrain_distill_demo` | 3 | missing |" in text
     assert summary(text) == {}
+
+
+def test_fine_tunes_pin_the_study_heads_unless_the_presets_heads_are_asked_for(tmp_path):
+    from dataclasses import replace
+
+    data = {"labelled": tmp_path / "labelled", "pool": tmp_path / "pool"}
+    run = StudyRun("seg", "full", "mae", 0, tmp_path / "seg" / "full_mae_s0")
+    pinned = finetune_args(DEFAULT, data, run, tmp_path / "last.ckpt")
+    assert "model=vit_small" in pinned
+    assert all(o in pinned for o in STUDY_HEADS["seg"])
+    presets = finetune_args(replace(DEFAULT, model="vit_small_p8", study_heads=False), data, run, None)
+    assert "model=vit_small_p8" in presets and "task.init_from=null" in presets
+    assert not [o for o in presets if o.startswith("task.task_head.")]
