@@ -228,6 +228,8 @@ def test_finetune_end_to_end_from_pretraining(task, metric, synth_root, pretrain
             f"paths.output_dir={tmp_path}",
             "run_name=ft",
             f"task.init_from={pretrained_ckpt}",
+            # vit_tiny has 16-pixel patches: two stride-2 blocks for stride-4 heatmaps (pose_demo has one)
+            *(["task.task_head.deconv_channels=[32,32]"] if task == "pose" else []),
         ]
     )
     run_dir = tmp_path / task / "ft"

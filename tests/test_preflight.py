@@ -38,12 +38,12 @@ def test_data_batch_size_is_reported_under_the_key_typed(pretrain_data_root, tmp
 
 
 def test_pose_patch_size_that_does_not_fit_the_heatmaps_is_refused(tmp_path):
-    args = ["experiment=pose_demo", "model=vit_tiny", "task.image_size=[64,48]"]
+    args = ["experiment=pose_demo", "model=vit_tiny", "task.image_size=[64,48]"]  # pose_demo: one deconv
     with pytest.raises(ConfigError) as err:
-        checked([*args, "model.backbone.patch_size=8"], tmp_path / "run")
+        checked([*args, "model.backbone.patch_size=16"], tmp_path / "run")
     line = message(err)
-    assert line.startswith("config key 'model.backbone.patch_size': 8 makes the pose head produce 32x24")
-    assert "targets of 64x48 images are 16x12" in line and "patch_size 16" in line
+    assert line.startswith("config key 'model.backbone.patch_size': 16 makes the pose head produce 8x6")
+    assert "targets of 64x48 images are 16x12" in line and "use patch_size 8, or 2 deconvolutions" in line
 
 
 @pytest.mark.parametrize(
@@ -76,7 +76,13 @@ def test_ckpt_path_and_init_from_that_are_not_checkpoints(pretrain_data_root, sy
         checked([f"data.root={pretrain_data_root}", f"ckpt_path={bad}"], tmp_path / "a")
     line = message(err)
     assert line.startswith(f"ckpt_path={bad}: cannot read checkpoint") and expected in line
-    pose = ["experiment=pose_demo", "model=vit_tiny", "task.image_size=[64,48]", f"data.root={synth_root}"]
+    pose = [
+        "experiment=pose_demo",
+        "model=vit_tiny",
+        "model.backbone.patch_size=8",  # the pose_demo head (one deconv) expects 8-pixel patches
+        "task.image_size=[64,48]",
+        f"data.root={synth_root}",
+    ]
     with pytest.raises(ConfigError) as err:
         checked([*pose, f"task.init_from={bad}"], tmp_path / "b")
     line = message(err)

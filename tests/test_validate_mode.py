@@ -124,6 +124,7 @@ def test_a_checkpoint_of_another_task_is_a_one_line_error(tmp_path):
             overrides=[
                 "experiment=pose_demo",
                 "model=vit_tiny",
+                "model.backbone.patch_size=8",  # the pose_demo head (one deconv) expects 8-pixel patches
                 "mode=validate",
                 f"task.init_from={ckpt}",
                 f"data.root={tmp_path}",
