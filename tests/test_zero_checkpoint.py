@@ -23,6 +23,7 @@ pytest.importorskip("deepspeed", reason="DeepSpeed is not installed")
 lightning = pytest.importorskip("lightning")
 
 REPO = Path(__file__).resolve().parents[1]
+CHILD_DONE = "zero checkpoint written"  # the last line a child rank prints before it exits
 
 
 class TinyLit(lightning.LightningModule):
@@ -87,7 +88,12 @@ def _make_checkpoint(out: str, stage: int, rank: int, world: int, port: int, tag
     if rank == 0:
         torch.save({"trained": trained, "initial": initial}, Path(out) / "reference.pt")
     torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
+    print(CHILD_DONE, flush=True)
+    # Leave without the interpreter's teardown. In one CI run a rank aborted with "terminate called
+    # without an active exception", the message of a C++ thread (gloo's or DeepSpeed's) still
+    # joinable when static objects are destroyed at exit. The barrier above already guarantees
+    # both ranks finished saving; CHILD_DONE lets the test tell an early abort from a late one.
+    os._exit(0)
 
 
 def _free_port() -> int:
@@ -116,6 +122,7 @@ def make_zero_checkpoint(out: Path, stage: int, world: int = 1, tag: str | None 
     logs = [p.communicate(timeout=240)[0] for p in procs]
     for r, (p, log) in enumerate(zip(procs, logs, strict=True)):
         assert p.returncode == 0, f"rank {r} failed to write the ZeRO checkpoint:\n{log[-4000:]}"
+        assert CHILD_DONE in log, f"rank {r} exited before the end:\n{log[-4000:]}"
     return torch.load(out / "reference.pt")
 
 
