@@ -41,12 +41,15 @@ class Probe(SapiensModule):
         self.seen_flags[batch_idx] = self.step_flags.pop("probe", False)  # like the Slurm callback
 
 
-def fit(module: Probe, steps: int, accumulate: int = 1, callbacks=()) -> L.Trainer:
+def fit(
+    module: Probe, steps: int, accumulate: int = 1, callbacks=(), precision="32-true", clip=1.0
+) -> L.Trainer:
     trainer = L.Trainer(
         accelerator="cpu",
         max_steps=steps,
         accumulate_grad_batches=accumulate,
-        gradient_clip_val=1.0,  # clipping a NaN gradient must not leak into the weights either
+        precision=precision,
+        gradient_clip_val=clip,  # clipping a NaN gradient must not leak into the weights either
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
@@ -74,6 +77,32 @@ def test_nonfinite_step_changes_nothing_and_is_counted(accumulate, bad_micro, ca
     assert module.nonfinite_total == 2
     assert "non-finite loss at step 2: update skipped (1 in a row, 1 in total)" in caplog.text
     assert "non-finite loss at step 4: update skipped (1 in a row, 2 in total)" in caplog.text
+
+
+def test_bf16_mixed_clips_gradients_before_the_fused_step():
+    """bf16-mixed keeps fused AdamW and clips the gradients itself: Lightning's mixed-precision plugin
+    refuses clipping with any fused optimizer (it assumes fp16 loss scaling), which stopped every bf16
+    run (the GPU trainer configs) at its first step. The gradients the optimizer applies have norm <=
+    the clip value, and a non-finite step is still skipped. (fp16 AMP, whose scaler turns fusing off in
+    ``use_fused_adamw``, needs a GPU: Lightning swaps it for bf16 on the CPU.)"""
+    module = Probe(bad_steps={2})
+    norms: list[float] = []
+
+    class Record(L.Callback):
+        def on_fit_start(self, trainer, pl_module):
+            def pre_step(optimizer, args, kwargs):
+                grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+                norms.append(float(torch.nn.utils.get_total_norm(grads)))
+
+            trainer.optimizers[0].register_step_pre_hook(pre_step)
+
+    trainer = fit(module, steps=5, precision="bf16-mixed", clip=1e-3, callbacks=[Record()])
+    assert trainer.optimizers[0].defaults["fused"]
+    finite = [n for n in norms if n == n]
+    assert len(finite) >= 4 and max(finite) <= 1e-3 * 1.001, norms
+    assert torch.equal(module.before[2], module.before[3])  # the NaN step changed nothing
+    assert not torch.equal(module.before[3], module.before[4])
+    assert module.nonfinite_total == 1
 
 
 def test_a_run_of_nonfinite_losses_stops_training():

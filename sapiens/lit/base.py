@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import lightning as L
 import torch
+from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.strategies import DeepSpeedStrategy
 
 from sapiens.data.device_resize import is_packed, resize_crops
@@ -144,12 +145,33 @@ class SapiensModule(L.LightningModule):
 
     def use_fused_adamw(self) -> bool:
         """``task.optimizer.fused``, or (None) whether every trainable parameter is a float tensor on
-        CUDA or the CPU, where PyTorch has fused AdamW kernels."""
+        CUDA or the CPU, where PyTorch has fused AdamW kernels, and no fp16 loss scaler is in play
+        (a fused step unscales itself, so gradients could not be clipped before it)."""
         if self.optim_cfg.fused is not None:
             return bool(self.optim_cfg.fused)
+        if self._loss_scaler() is not None:
+            return False
         params = [p for p in self.parameters() if p.requires_grad]
         supported = all(p.device.type in ("cuda", "cpu") and p.is_floating_point() for p in params)
         return bool(params) and supported
+
+    def _loss_scaler(self):
+        """The fp16 ``GradScaler`` of the precision plugin, or None (fp32, bf16, DeepSpeed, no trainer)."""
+        return getattr(self.trainer.precision_plugin, "scaler", None) if self._trainer is not None else None
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        """Clip as configured. Under bf16-mixed the gradients are unscaled (bf16 needs no loss scaling), so
+        they are clipped here directly: Lightning's mixed-precision plugin refuses to clip for any fused
+        optimizer, assuming fp16 scaling, which made every bf16 run with fused AdamW stop at step 1."""
+        plugin = self.trainer.precision_plugin
+        if gradient_clip_val and isinstance(plugin, MixedPrecision) and plugin.scaler is None:
+            params = [p for group in optimizer.param_groups for p in group["params"]]
+            if gradient_clip_algorithm == "value":
+                torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
+            else:
+                torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     # ------------------------------------------------------------------ data
     def image_keys(self, batch: dict) -> list[str]:
