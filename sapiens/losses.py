@@ -149,8 +149,15 @@ class WeightedCrossEntropy(nn.Module):
     def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """logits: (B, C, h, w) float; labels: (B, H, W) int64 class ids or ignore_index."""
         _check_shape("WeightedCrossEntropy logits", logits, 4, "(B, C, h, w)")
+        log_probs = _resize_to(logits.float(), tuple(labels.shape[-2:])).log_softmax(dim=1)
+        return self.from_log_probs(log_probs, labels)
+
+    def from_log_probs(self, log_probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The same loss from ``log_softmax`` of logits already at the label size: log_probs (B, C, H, W),
+        labels (B, H, W). Lets a caller share one softmax between this and a Dice term."""
+        _check_shape("WeightedCrossEntropy log-probabilities", log_probs, 4, "(B, C, H, W)")
         _check_shape("WeightedCrossEntropy labels", labels, 3, "(B, H, W)")
-        num_classes = logits.shape[1]
+        num_classes = log_probs.shape[1]
         if self.class_weight is not None and self.class_weight.numel() != num_classes:
             raise ValueError(
                 f"WeightedCrossEntropy: {self.class_weight.numel()} class weights for "
@@ -163,10 +170,10 @@ class WeightedCrossEntropy(nn.Module):
                 f"WeightedCrossEntropy: labels must be in [0, {num_classes}) or "
                 f"{self.ignore_index} (ignore); got values {labels.unique().tolist()[:10]}"
             )
-        logits = _resize_to(logits.float(), tuple(labels.shape[-2:]))
-        weight = None if self.class_weight is None else self.class_weight.to(logits.dtype)
-        per_pixel = F.cross_entropy(
-            logits, labels, weight=weight, ignore_index=self.ignore_index, reduction="none"
+        weight = None if self.class_weight is None else self.class_weight.to(log_probs.dtype)
+        # cross_entropy is exactly log_softmax + nll_loss.
+        per_pixel = F.nll_loss(
+            log_probs, labels, weight=weight, ignore_index=self.ignore_index, reduction="none"
         )
         if self.avg_non_ignore:
             valid = labels != self.ignore_index

@@ -101,6 +101,22 @@ def test_dice_loss_matches_a_hand_computation():
     assert DiceLoss()(perfect, labels) < 0.05
 
 
+def test_seg_loss_shares_one_softmax_and_equals_the_two_terms_apart():
+    """SegmentationTask.loss (one resize, one log-softmax for CE and Dice) == the two modules run apart:
+    the same value and the same gradient, ignored pixels included."""
+    task = SegmentationTask(32, (64, 48), "goliath_parts28", "goliath", dice_weight=0.5)
+    logits = torch.randn(2, 28, 8, 6, requires_grad=True)
+    labels = torch.randint(0, 28, (2, 16, 12))
+    labels[1, :4] = 255
+    shared = task.loss(logits, {"seg": labels})
+    (grad_shared,) = torch.autograd.grad(shared, logits)
+    apart = task.loss_fn(logits, labels) + task.dice(logits, labels)
+    (grad_apart,) = torch.autograd.grad(apart, logits)
+    assert torch.allclose(shared, apart, rtol=1e-6)
+    assert torch.allclose(grad_shared, grad_apart, rtol=1e-5, atol=1e-9)
+    assert grad_shared.abs().sum() > 0
+
+
 def test_normal_gradient_loss_is_mse_of_finite_differences():
     target = torch.randn(1, 3, 4, 5)
     pred = target.clone()
