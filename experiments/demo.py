@@ -40,7 +40,7 @@ MAIN_METRICS = {
     "depth": ("val/rmse", "RMSE (aligned, m)", False),
     "normal": ("val/mean_angular_error", "mean angle (deg)", False),
 }
-# Longest first (CPU seconds at the presets' steps in bf16, fresh clone of 1eed226: seg 687, pose 368,
+# Longest first (CPU seconds at the presets' steps in bf16, fresh clone of 3a20643: seg 687, pose 368,
 # normal 135, depth 116): seg keeps one core while the other three share the other, so both cores finish
 # close together.
 LAUNCH_ORDER = ("seg", "pose", "normal", "depth")
