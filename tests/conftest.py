@@ -126,6 +126,9 @@ def overridden(base: list[str], *extra: str) -> list[str]:
     return [arg for arg in base if arg.split("=", 1)[0].lstrip("+") not in keys] + list(extra)
 
 
+# pose_demo on the tiny test ViT: its head (one deconvolution) expects 8-pixel patches.
+TINY_POSE_DEMO = ["experiment=pose_demo", "model=vit_tiny", "model.backbone.patch_size=8"]
+
 # Fine-tuning overrides that shrink every demo preset to test size.
 TINY_FINETUNE = [
     "model=vit_tiny",

@@ -14,7 +14,7 @@ from sapiens.config import ConfigError
 from sapiens.errors import user_error
 from sapiens.preflight import preflight
 from sapiens.resume import CheckpointError
-from tests.conftest import TINY, overridden, run_train
+from tests.conftest import TINY, TINY_POSE_DEMO, overridden, run_train
 from tests.faults import RunsCode
 from tests.test_configs import compose_cfg
 
@@ -76,13 +76,7 @@ def test_ckpt_path_and_init_from_that_are_not_checkpoints(pretrain_data_root, sy
         checked([f"data.root={pretrain_data_root}", f"ckpt_path={bad}"], tmp_path / "a")
     line = message(err)
     assert line.startswith(f"ckpt_path={bad}: cannot read checkpoint") and expected in line
-    pose = [
-        "experiment=pose_demo",
-        "model=vit_tiny",
-        "model.backbone.patch_size=8",  # the pose_demo head (one deconv) expects 8-pixel patches
-        "task.image_size=[64,48]",
-        f"data.root={synth_root}",
-    ]
+    pose = [*TINY_POSE_DEMO, "task.image_size=[64,48]", f"data.root={synth_root}"]
     with pytest.raises(ConfigError) as err:
         checked([*pose, f"task.init_from={bad}"], tmp_path / "b")
     line = message(err)

@@ -10,7 +10,7 @@ import pytest
 
 from experiments.report import build_report, load_tables
 from tests.checkpoint_factory import HEAD_OVERRIDES, make_module, save_published, save_zero_converted
-from tests.conftest import TINY_FINETUNE, overridden, run_train
+from tests.conftest import TINY_FINETUNE, TINY_POSE_DEMO, overridden, run_train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -122,9 +122,7 @@ def test_a_checkpoint_of_another_task_is_a_one_line_error(tmp_path):
         cfg = compose(
             "config",
             overrides=[
-                "experiment=pose_demo",
-                "model=vit_tiny",
-                "model.backbone.patch_size=8",  # the pose_demo head (one deconv) expects 8-pixel patches
+                *TINY_POSE_DEMO,
                 "mode=validate",
                 f"task.init_from={ckpt}",
                 f"data.root={tmp_path}",

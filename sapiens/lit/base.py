@@ -163,8 +163,8 @@ class SapiensModule(L.LightningModule):
         """Clip as configured. Under bf16-mixed the gradients are unscaled (bf16 needs no loss scaling), so
         they are clipped here directly: Lightning's mixed-precision plugin refuses to clip for any fused
         optimizer, assuming fp16 scaling, which made every bf16 run with fused AdamW stop at step 1."""
-        plugin = self.trainer.precision_plugin
-        if gradient_clip_val and isinstance(plugin, MixedPrecision) and plugin.scaler is None:
+        mixed = isinstance(self.trainer.precision_plugin, MixedPrecision)
+        if gradient_clip_val and mixed and self._loss_scaler() is None:
             params = [p for group in optimizer.param_groups for p in group["params"]]
             if gradient_clip_algorithm == "value":
                 torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
