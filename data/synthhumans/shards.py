@@ -102,15 +102,18 @@ def build(
     max_people: int = 3,
     workers: int = 1,
     style: str = "full",
+    readers: tuple[str, ...] = READERS,
 ) -> Path:
     """Both splits (different seeds, so validation images are unseen) under ``root``; returns root.
 
     ``max_people``: people per image are drawn from 1..max_people; ``workers``: render processes;
-    ``style``: ``full`` SynthHumans scenes or the easier ``simple`` ones (see ``scene.SCENE_STYLES``).
+    ``style``: ``full`` SynthHumans scenes or the easier ``simple`` ones (see ``scene.SCENE_STYLES``);
+    ``readers``: the shard kinds to write (default: all of ``READERS``).
     """
     root = Path(root)
     start = time.perf_counter()
     opts = {"progress": progress, "max_people": max_people, "workers": workers, "style": style}
+    opts["readers"] = readers
     build_split(root, "train", num_train, seed, height, width, **opts)
     build_split(root, "val", num_val, seed + 1_000_003, height, width, **opts)
     print(f"SynthHumans ready in {root} ({time.perf_counter() - start:.0f} s)")
