@@ -44,6 +44,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from data.synthhumans.shards import build_split
+from experiments.baselines import BASELINES, baseline_metrics
+from experiments.demo import BASELINE_FIT_BATCHES
 from experiments.launch import Job, run_jobs
 from experiments.study_report import BASELINE, OBJECTIVES, StudyRun, write_report
 
@@ -51,6 +53,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TASKS = ("pose", "seg", "depth", "normal")
 ARMS = ("full", "frozen")
 INITS = tuple(OBJECTIVES)  # mae, distill, random
+PHASE_WALLS = "_phase_wall_s"  # key in timings.json: phase -> wall seconds over every invocation
 
 
 @dataclass
@@ -182,6 +185,18 @@ def build_data(budget: Budget, data_dir: Path) -> dict[str, Path]:
     return {"pool": pool, "labelled": labelled}
 
 
+def trivial_baselines(runs: list[StudyRun]) -> dict[str, float]:
+    """task -> its trivial baseline (``experiments.baselines``: mean pose, most frequent class, constant
+    depth, mean normal) scored on the study's validation set, read from the first finished run of the task
+    (every run of a task shares its data and transforms)."""
+    out = {}
+    for run in runs:
+        if run.task not in out and (run.run_dir / "metrics.csv").exists():
+            metrics = baseline_metrics(run.run_dir, max_batches=BASELINE_FIT_BATCHES)
+            out[run.task] = metrics[BASELINES[run.task][0]]
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -260,14 +275,15 @@ def main(argv: list[str] | None = None) -> int:
         for job in todo:
             if job.ok:
                 done[job.name] = {"wall": job.wall_s, "cpu": job.cpu_s}
+        if phase is not None:  # wall summed over invocations, so a rerun that reuses runs keeps it
+            walls = done.setdefault(PHASE_WALLS, {})
+            walls[phase] = walls.get(phase, 0.0) + time.perf_counter() - t0
+            phases[phase] = {
+                "wall": walls[phase],
+                "cpu": sum(done.get(j.name, {}).get("cpu", 0.0) for j in jobs),
+            }
         timings_path.parent.mkdir(parents=True, exist_ok=True)
         timings_path.write_text(json.dumps(done, indent=1))
-        if phase is None:
-            return
-        phases[phase] = {
-            "wall": time.perf_counter() - t0,
-            "cpu": sum(done.get(j.name, {}).get("cpu", 0.0) for j in jobs),
-        }
 
     pretrain_jobs = {
         init: pretrain_job(budget, data, init, runs_dir, common) for init in budget.inits if init != BASELINE
@@ -307,8 +323,11 @@ def main(argv: list[str] | None = None) -> int:
         write_report(out_dir, runs, pretrain_dirs, phases, budget, command)
 
     total_cpu = sum(p["cpu"] for p in phases.values())
-    phases["total"] = {"wall": time.perf_counter() - start, "cpu": total_cpu}
-    readme = write_report(out_dir, runs, pretrain_dirs, phases, budget, command)
+    pretraining = [p["wall"] for name, p in phases.items() if name.endswith(" pretraining")]
+    others = [p["wall"] for name, p in phases.items() if not name.endswith(" pretraining")]
+    # The pretrainings run side by side: the longest is their wall time.
+    phases["total"] = {"wall": sum(others) + max(pretraining, default=0.0), "cpu": total_cpu}
+    readme = write_report(out_dir, runs, pretrain_dirs, phases, budget, command, trivial_baselines(runs))
     print(f"\nStudy finished in {(time.perf_counter() - start) / 60:.1f} min: {readme}")
     failed = [f"{r.task}/{r.name}" for r in runs if not (r.run_dir / "metrics.csv").exists()]
     if failed:

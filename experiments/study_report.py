@@ -33,6 +33,13 @@ OBJECTIVES = {
     "distill": ("MAE + self-distillation", "pretrain_distill_demo"),
     BASELINE: ("random initialisation", None),
 }
+# task -> what its trivial baseline predicts (experiments.baselines, fitted on the training shards)
+TRIVIAL = {
+    "pose": "the mean pose",
+    "seg": "the most frequent class",
+    "depth": "one constant depth per image",
+    "normal": "the mean normal",
+}
 COLORS = {"mae": "tab:blue", "distill": "tab:green", BASELINE: "tab:orange"}
 
 
@@ -271,6 +278,14 @@ def pretraining_rows(pretrain_dirs: dict[str, Path], budget) -> list[str]:
     return rows
 
 
+def trivial_rows(trivial: dict[str, float]) -> list[str]:
+    """One row per task: what its trivial baseline predicts and its score on the validation set."""
+    rows = ["| task | metric | trivial baseline | value |", "|---|---|---|---|"]
+    for task, value in trivial.items():
+        rows.append(f"| {task} | {MAIN_METRICS[task][1]} | {TRIVIAL[task]} | {value:.4f} |")
+    return rows
+
+
 def per_seed_rows(runs: list[StudyRun]) -> list[str]:
     """Every run's final metric and val/loss ("missing" for a run without results)."""
     rows = [
@@ -296,9 +311,11 @@ def write_report(
     phases: dict[str, dict[str, float]],
     budget,
     command: str,
+    trivial: dict[str, float] | None = None,
 ) -> Path:
     """Write ``out_dir/README.md``, ``curves.png``, ``pretrain_loss.png`` and ``<init>_reconstructions.png``
-    (the last reconstruction picture of each pretraining in ``pretrain_dirs``: init -> run directory)."""
+    (the last reconstruction picture of each pretraining in ``pretrain_dirs``: init -> run directory).
+    ``trivial``: task -> its trivial baseline's score on the same validation set, shown under the table."""
     out_dir.mkdir(parents=True, exist_ok=True)
     plot_curves(runs, out_dir / "curves.png")
     plot_pretrain_loss(pretrain_dirs, out_dir / "pretrain_loss.png")
@@ -339,6 +356,17 @@ def write_report(
             else "."
         ),
         "",
+        *(
+            [
+                "What a model scores without learning anything from the image, on the same validation "
+                "set (`experiments/baselines.py`, constants fitted on the training shards):",
+                "",
+                *trivial_rows(trivial),
+                "",
+            ]
+            if trivial
+            else []
+        ),
         "![validation curves](curves.png)",
         "",
         "## Pretraining",
@@ -391,7 +419,8 @@ def write_report(
         "",
         "Wall time is what the shared machine gave; CPU time (user + sys of the runs) is the fairer figure. "
         "The pretrainings run side by side, so their wall times overlap; a reused pretraining shows the "
-        "time it took when it ran.",
+        "time it took when it ran, and a fine-tune phase sums the wall time of every invocation that ran "
+        "it (a study grown in steps, or resumed, counts each step; `timings.json` in the runs folder).",
         "",
         "| phase | wall minutes | CPU minutes |",
         "|---|---|---|",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -204,3 +205,41 @@ def test_training_steps_lower_each_loss() -> None:
     normals = torch.nn.functional.normalize(torch.randn(2, 3, 32, 24), dim=1)
     first, last = _fit(normal_head(16, (16,) * 3, (16,), dropout=0.0), lambda out: NormalLoss()(out, normals))
     assert last < 0.7 * first
+
+
+def test_scale_shift_invariant_loss_is_the_rmse_left_after_a_per_image_least_squares_fit():
+    from sapiens.losses_depth import ScaleShiftInvariantLoss
+
+    gen = torch.Generator().manual_seed(0)
+    target = torch.rand(3, 10, 8, generator=gen)
+    pred = torch.rand(3, 1, 10, 8, generator=gen)
+    mask = torch.rand(3, 10, 8, generator=gen) > 0.3
+    mask[2] = False  # an image without foreground is left out of the mean
+    loss = ScaleShiftInvariantLoss()
+    expected = []
+    for i in range(2):  # independent: numpy least squares on the valid pixels
+        p, g = pred[i, 0][mask[i]].double().numpy(), target[i][mask[i]].double().numpy()
+        design = np.stack([p, np.ones_like(p)], axis=1)
+        (s, t), *_ = np.linalg.lstsq(design, g, rcond=None)
+        expected.append(np.sqrt(np.mean((s * p + t - g) ** 2)))
+    assert float(loss(pred, target, mask)) == pytest.approx(np.mean(expected), rel=1e-5)
+    # what the fit removes costs nothing: any scale and shift of the prediction, an exact affine copy
+    assert float(loss(-3.0 * pred + 7.0, target, mask)) == pytest.approx(np.mean(expected), rel=1e-4)
+    assert float(loss(2.0 * target[:, None] - 0.5, target, mask)) < 1e-5
+    # masked-out pixels do not matter
+    noisy = torch.where(mask[:, None], pred, torch.full_like(pred, 1e3))
+    assert float(loss(noisy, target, mask)) == pytest.approx(float(loss(pred, target, mask)), rel=1e-5)
+    pred.requires_grad_(True)
+    loss(pred, target, mask).backward()
+    assert torch.isfinite(pred.grad).all() and pred.grad.abs().sum() > 0
+    assert float(loss(pred.detach(), target, torch.zeros_like(mask))) == 0.0
+
+
+def test_depth_task_takes_its_loss_from_the_config():
+    from sapiens.losses_depth import ScaleShiftInvariantLoss
+    from sapiens.tasks.depth import DepthTask
+
+    assert isinstance(DepthTask(8, loss="scale_shift").loss_fn, ScaleShiftInvariantLoss)
+    assert isinstance(DepthTask(8).loss_fn, SiLogLoss)
+    with pytest.raises(ValueError, match=r"task.task_head.loss='l2'.*scale_shift"):
+        DepthTask(8, loss="l2")

@@ -10,6 +10,8 @@ import matplotlib.pyplot as plt
 import pytest
 import yaml
 
+from experiments.baselines import baseline_metrics
+from experiments.demo import BASELINE_FIT_BATCHES
 from experiments.study import ARMS, DEFAULT, INITS, SMOKE, STUDY_HEADS, finetune_args
 from experiments.study_report import (
     FINDINGS_MARKER,
@@ -24,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # The smoke study in these tests: seg only (pose fine-tunes of the study run in
 # tests/test_sapiens2_train.py), every init, both arms, two seeds: 2 pretrainings and 12 fine-tunes.
 TASKS = ("seg",)
+TRIVIAL_INTRO = "What a model scores without learning anything"  # the trivial baselines' table follows
 PRETRAIN_DIRS = {"mae": Path("pretrain") / "mae", "distill": Path("pretrain_distill") / "distill"}
 
 
@@ -58,7 +61,8 @@ def table(readme: str, heading: str = "## Pretraining") -> list[dict[str, str]]:
 
 def summary(readme: str) -> dict[tuple[str, str, str], dict[str, str]]:
     """(arm, task, init) -> the main table's row."""
-    return {(r["arm"], r["task"], r["init"]): r for r in table(readme)}
+    end = TRIVIAL_INTRO if TRIVIAL_INTRO in readme else "## Pretraining"  # the trivial table is optional
+    return {(r["arm"], r["task"], r["init"]): r for r in table(readme, end)}
 
 
 @pytest.mark.slow
@@ -114,6 +118,12 @@ def test_smoke_study_table_compares_each_pretraining_with_random_and_distill_wit
         if init == "distill":
             vs_mae = Comparison(arm, task, values["distill"], values["mae"], "distill", "mae")
             assert float(row["ahead of mae"]) == pytest.approx(vs_mae.gain, abs=1e-4)
+    # The trivial baselines, scored like a model on the study's validation set, under the main table.
+    trivial = {r["task"]: r for r in table(readme.split(TRIVIAL_INTRO)[1], "![validation curves]")}
+    assert set(trivial) == set(TASKS)
+    expected = baseline_metrics(runs_dir / "seg" / "full_mae_s0", max_batches=BASELINE_FIT_BATCHES)
+    assert float(trivial["seg"]["value"]) == pytest.approx(expected["mIoU"], abs=1e-4)
+    assert trivial["seg"]["trivial baseline"] == "the most frequent class"
     pretraining = {r["init"]: r for r in table(readme.split("## Pretraining")[1], "![")}
     assert set(pretraining) == {"mae", "distill"}
     for init, row in pretraining.items():
@@ -139,6 +149,9 @@ def test_rerun_reuses_finished_runs_and_keeps_hand_written_findings(smoke_study)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "reusing the finished run" in done.stdout and "$ train.py" not in done.stdout
     text = readme.read_text()
+    # A phase whose runs were all reused keeps the wall time it took when they ran.
+    full_arm = next(line for line in text.splitlines() if line.startswith("| fine-tune, full arm"))
+    assert float(full_arm.split("|")[2]) > 0
     assert text.count(FINDINGS_MARKER) == 1
     assert text.rstrip().endswith("Masking 50% did not help either.")
 

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from sapiens.losses import SiLogLoss, normalize_depth_foreground
+from sapiens.losses_depth import ScaleShiftInvariantLoss
 from sapiens.metrics.depth import DepthMetrics
 from sapiens.models.heads import DEPTH_CONV_CHANNELS, DEPTH_DECONV_CHANNELS, DenseHead
 from sapiens.tasks.base import Task
@@ -27,6 +28,8 @@ class DepthTask(Task):
         in_channels: backbone width.
         image_size: (H, W) input size (unused; part of the common task signature).
         silog_lambda: variance weight of the SiLog loss (published 0.5).
+        loss: ``silog`` (published) or ``scale_shift``: the RMSE left after the metric's per-image
+            least-squares scale and shift (``ScaleShiftInvariantLoss``).
         deconv_channels, conv_channels, dropout: head shape.
     """
 
@@ -40,10 +43,14 @@ class DepthTask(Task):
         deconv_channels: Sequence[int] = DEPTH_DECONV_CHANNELS,
         conv_channels: Sequence[int] = DEPTH_CONV_CHANNELS,
         dropout: float = 0.1,
+        loss: str = "silog",
     ):
         super().__init__()
+        losses = {"silog": lambda: SiLogLoss(lambda_=silog_lambda), "scale_shift": ScaleShiftInvariantLoss}
+        if loss not in losses:
+            raise ValueError(f"task.task_head.loss={loss!r}: expected one of {sorted(losses)}")
         self.head = DenseHead(in_channels, 1, tuple(deconv_channels), tuple(conv_channels), dropout)
-        self.loss_fn = SiLogLoss(lambda_=silog_lambda)
+        self.loss_fn = losses[loss]()
         self.metric = DepthMetrics()
 
     def loss(self, outputs: torch.Tensor, batch: dict) -> torch.Tensor:
