@@ -189,6 +189,16 @@ def _safe_sqrt(x: torch.Tensor) -> torch.Tensor:
     return torch.where(positive, x.clamp(min=torch.finfo(x.dtype).tiny).sqrt(), x.new_zeros(()))
 
 
+def depth_at_target_size(loss: str, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """A one-channel prediction (B, 1, h, w) or (B, h, w), bilinearly resized to ``target``'s (B, H, W), in
+    float32; ``loss`` names the caller in a shape error."""
+    _check_shape(f"{loss} target", target, 3, "(B, H, W)")
+    if pred.ndim == 3:
+        pred = pred[:, None]
+    _check_shape(f"{loss} pred", pred, 4, "(B, 1, h, w) or (B, h, w)")
+    return _resize_to(pred.float(), tuple(target.shape[-2:]))[:, 0]
+
+
 class SiLogLoss(nn.Module):
     """Scale-invariant log loss (published depth loss).
 
@@ -213,11 +223,7 @@ class SiLogLoss(nn.Module):
         self, pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None
     ) -> torch.Tensor:
         """pred: (B, 1, h, w) or (B, h, w); target: (B, H, W); mask: (B, H, W) bool or None."""
-        _check_shape("SiLogLoss target", target, 3, "(B, H, W)")
-        if pred.ndim == 3:
-            pred = pred[:, None]
-        _check_shape("SiLogLoss pred", pred, 4, "(B, 1, h, w) or (B, h, w)")
-        pred = _resize_to(pred.float(), tuple(target.shape[-2:]))[:, 0]
+        pred = depth_at_target_size("SiLogLoss", pred, target)
         target = target.float()
         valid = (target > self.eps) & torch.isfinite(target)
         if mask is not None:

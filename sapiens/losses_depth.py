@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from sapiens.losses import _check_shape, _resize_to, _safe_sqrt
+from sapiens.losses import _safe_sqrt, depth_at_target_size
 from sapiens.metrics.depth import align_scale_shift
 
 
@@ -32,11 +32,7 @@ class ScaleShiftInvariantLoss(nn.Module):
         self, pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None
     ) -> torch.Tensor:
         """pred: (B, 1, h, w) or (B, h, w); target: (B, H, W); mask: (B, H, W) bool or None."""
-        _check_shape("ScaleShiftInvariantLoss target", target, 3, "(B, H, W)")
-        if pred.ndim == 3:
-            pred = pred[:, None]
-        _check_shape("ScaleShiftInvariantLoss pred", pred, 4, "(B, 1, h, w) or (B, h, w)")
-        pred = _resize_to(pred.float(), tuple(target.shape[-2:]))[:, 0]
+        pred = depth_at_target_size("ScaleShiftInvariantLoss", pred, target)
         target = target.float()
         valid = torch.isfinite(target)
         if mask is not None:
