@@ -200,8 +200,9 @@ def plot_pretrain_loss(pretrain_dirs: dict[str, Path], path: Path) -> None:
     plt.close(fig)
 
 
-def hardware() -> dict[str, str]:
-    """CPU count, CPU model, torch version and git commit of this checkout."""
+def hardware(out_dir: Path | None = None) -> dict[str, str]:
+    """CPU count, CPU model, torch version and git commit of this checkout (uncommitted changes flagged,
+    except in ``out_dir``: the report being written)."""
     model = "unknown"
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.exists():
@@ -215,7 +216,10 @@ def hardware() -> dict[str, str]:
         return done.stdout.strip() if done.returncode == 0 else "unknown"
 
     commit = git("rev-parse", "HEAD")
-    if git("status", "--porcelain", "--untracked-files=no"):
+    exclude = []
+    if out_dir is not None and out_dir.resolve().is_relative_to(ROOT):
+        exclude = [f":(exclude){out_dir.resolve().relative_to(ROOT)}"]
+    if git("status", "--porcelain", "--untracked-files=no", "--", ".", *exclude):
         commit += " (plus uncommitted changes in the working tree)"
     return {
         "CPU cores (nproc)": str(len(os.sched_getaffinity(0))),
@@ -413,7 +417,7 @@ def write_report(
         "",
         "## Hardware and software",
         "",
-        *(f"- {k}: {v}" for k, v in hardware().items()),
+        *(f"- {k}: {v}" for k, v in hardware(out_dir).items()),
         "",
         "## Time per phase",
         "",
