@@ -19,7 +19,7 @@ GOLIATH_CLASS_WEIGHTS: tuple[float, ...] = (
 )  # fmt: skip
 
 
-def _resize_to(pred: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+def resize_to(pred: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Bilinear resize of (B, C, h, w) to (B, C, *size) unless it already has that size."""
     if tuple(pred.shape[-2:]) == tuple(size):
         return pred
@@ -149,7 +149,7 @@ class WeightedCrossEntropy(nn.Module):
     def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """logits: (B, C, h, w) float; labels: (B, H, W) int64 class ids or ignore_index."""
         _check_shape("WeightedCrossEntropy logits", logits, 4, "(B, C, h, w)")
-        log_probs = _resize_to(logits.float(), tuple(labels.shape[-2:])).log_softmax(dim=1)
+        log_probs = resize_to(logits.float(), tuple(labels.shape[-2:])).log_softmax(dim=1)
         return self.from_log_probs(log_probs, labels)
 
     def from_log_probs(self, log_probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -196,7 +196,7 @@ def depth_at_target_size(loss: str, pred: torch.Tensor, target: torch.Tensor) ->
     if pred.ndim == 3:
         pred = pred[:, None]
     _check_shape(f"{loss} pred", pred, 4, "(B, 1, h, w) or (B, h, w)")
-    return _resize_to(pred.float(), tuple(target.shape[-2:]))[:, 0]
+    return resize_to(pred.float(), tuple(target.shape[-2:]))[:, 0]
 
 
 class SiLogLoss(nn.Module):
@@ -269,7 +269,7 @@ class NormalLoss(nn.Module):
             raise ValueError(
                 f"NormalLoss: pred {tuple(pred.shape)} and target {tuple(target.shape)} need 3 channels"
             )
-        pred = _resize_to(pred.float(), tuple(target.shape[-2:]))
+        pred = resize_to(pred.float(), tuple(target.shape[-2:]))
         target = target.float()
         valid = (torch.isfinite(target) & (target > -100)).all(dim=1)
         if mask is not None:

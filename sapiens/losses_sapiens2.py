@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sapiens.losses import SiLogLoss, _check_shape, _resize_to
+from sapiens.losses import SiLogLoss, _check_shape, resize_to
 
 # Published Sapiens2 29-class weights (index = class id; 2 = Eyeglass, new in Sapiens2; background 0.1).
 SAPIENS2_CLASS_WEIGHTS: tuple[float, ...] = (
@@ -37,7 +37,7 @@ class DiceLoss(nn.Module):
     def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """logits: (B, C, h, w); labels: (B, H, W) int class ids or ignore_index. -> scalar."""
         _check_shape("DiceLoss logits", logits, 4, "(B, C, h, w)")
-        return self.from_probs(_resize_to(logits.float(), tuple(labels.shape[-2:])).softmax(dim=1), labels)
+        return self.from_probs(resize_to(logits.float(), tuple(labels.shape[-2:])).softmax(dim=1), labels)
 
     def from_probs(self, probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """The same loss from softmax probabilities already at the label size: probs (B, C, H, W),
@@ -65,7 +65,7 @@ class NormalGradientLoss(nn.Module):
 
     def forward(self, pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """pred: (B, 3, h, w); target: (B, 3, H, W); mask: (B, H, W) bool. -> scalar."""
-        pred = _resize_to(pred.float(), tuple(target.shape[-2:]))
+        pred = resize_to(pred.float(), tuple(target.shape[-2:]))
         target, mask = target.float(), mask.bool()[:, None]
         total, count = pred.new_zeros(()), pred.new_zeros(())
         for dim in (-1, -2):
@@ -178,7 +178,7 @@ class PointmapLoss(nn.Module):
             target: (B, 3, H, W) canonical XYZ; target_scale: (B,) s; valid: (B, H, W) bool.
             intrinsics: (B, 3, 3) K at the label resolution (fx, fy in canonical units do not change).
         """
-        points = _resize_to(points.float(), tuple(target.shape[-2:]))
+        points = resize_to(points.float(), tuple(target.shape[-2:]))
         valid = valid.bool()
         w = valid.float()
         z_bar = (target[:, 2] * w).flatten(1).sum(1) / w.flatten(1).sum(1).clamp(min=1)

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from sapiens.labels import load_class_list
-from sapiens.losses import GOLIATH_CLASS_WEIGHTS, WeightedCrossEntropy, _resize_to
+from sapiens.losses import GOLIATH_CLASS_WEIGHTS, WeightedCrossEntropy, resize_to
 from sapiens.losses_sapiens2 import SAPIENS2_CLASS_WEIGHTS, DiceLoss
 from sapiens.metrics.segmentation import SegmentationMetrics
 from sapiens.models.heads import SEG_CONV_CHANNELS, SEG_DECONV_CHANNELS, DenseHead
@@ -68,7 +68,7 @@ class SegmentationTask(Task):
         if self.dice is None:
             return self.loss_fn(outputs, labels)
         # One resize and one softmax for both terms (a quarter of a demo seg step went to the loss).
-        log_probs = _resize_to(outputs.float(), tuple(labels.shape[-2:])).log_softmax(dim=1)
+        log_probs = resize_to(outputs.float(), tuple(labels.shape[-2:])).log_softmax(dim=1)
         return self.loss_fn.from_log_probs(log_probs, labels) + self.dice.from_probs(log_probs.exp(), labels)
 
     def update_metrics(self, outputs: torch.Tensor, batch: dict) -> None:
