@@ -13,6 +13,12 @@ model's as a floor it has to clear:
   constant (its mean foreground depth), so the RMSE is the per-image depth spread;
 * normal: the mean training foreground normal everywhere.
 
+Depth has a second, harder yardstick (``mean_depth_map_metrics``): the mean training depth map, one fixed
+(H, W) picture of the normalised foreground depth whatever the image, which the alignment scales (with
+either sign) and shifts per image. Like the mean pose it uses nothing of the image, yet it captures the
+usual top-to-bottom slope of a standing person's depth; a depth model has to beat it to have learned
+anything from the pixels.
+
 The run's resolved ``config.yaml`` defines the data, the transforms and the metric.
 """
 
@@ -29,6 +35,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from sapiens.data.datamodule import ShardDataModule
+from sapiens.losses import normalize_depth_foreground
 from sapiens.run import build_transform
 from sapiens.tasks.base import Task
 
@@ -39,6 +46,9 @@ BASELINES = {
     "depth": ("rmse", "optimal constant depth"),
     "normal": ("mean_angular_error", "mean normal"),
 }
+
+
+MEAN_DEPTH_MAP = "mean depth map (image-independent)"
 
 
 def _batches(cfg, shards: str, limit: int | None = None) -> Iterator[dict]:
@@ -106,6 +116,37 @@ def fit_constant(task: Task, cfg, max_batches: int | None = None) -> torch.Tenso
     raise ValueError(f"no baseline for task {task.name!r}")
 
 
+def fit_mean_depth_map(cfg, max_batches: int | None = None) -> torch.Tensor:
+    """(H, W) mean of the foreground-normalised training depth (the training target) over the images where
+    each pixel is foreground; pixels never on a person get the overall foreground mean."""
+    total, count = None, None
+    for batch in _batches(cfg, cfg.data.train_shards, max_batches):
+        fg = batch["mask"].bool()
+        target = normalize_depth_foreground(batch["depth"], fg)
+        batch_total = torch.where(fg, target, torch.zeros_like(target)).double().sum(0)
+        batch_count = fg.double().sum(0)
+        total = batch_total if total is None else total + batch_total
+        count = batch_count if count is None else count + batch_count
+    if total is None:
+        raise ValueError(f"{cfg.data.train_shards}: no training batches to fit the mean depth map on")
+    overall = total.sum() / count.sum().clamp(min=1)
+    return torch.where(count > 0, total / count.clamp(min=1), overall).float()
+
+
+def mean_depth_map_metrics(run_dir: str | Path, max_batches: int | None = None) -> dict[str, float]:
+    """The depth run's metrics for the mean training depth map predicted for every validation image."""
+    cfg = OmegaConf.load(Path(run_dir) / "config.yaml")
+    task = _build_task(cfg)
+    if task.name != "depth":
+        raise ValueError(f"{run_dir}: a {task.name} run; the mean depth map is a depth baseline")
+    depth_map = fit_mean_depth_map(cfg, max_batches)
+    for batch in _batches(cfg, cfg.data.val_shards):
+        task.update_metrics(depth_map.expand(batch["image"].shape[0], 1, *depth_map.shape), batch)
+    metrics = task.compute_metrics()
+    task.reset_metrics()
+    return metrics
+
+
 def baseline_metrics(run_dir: str | Path, max_batches: int | None = None) -> dict[str, float]:
     """Fit the trivial baseline of the run in ``run_dir`` and score it on the run's validation shards.
 
@@ -138,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
         name = OmegaConf.load(Path(run_dir) / "config.yaml").task.name
         key = BASELINES[name][0]
         print(f"{name}: {metrics['baseline']}: {key} {metrics[key]:.4f}")
+        if name == "depth":
+            print(f"depth: {MEAN_DEPTH_MAP}: rmse {mean_depth_map_metrics(run_dir)['rmse']:.4f}")
     return 0
 
 
