@@ -20,7 +20,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only; no display on a CPU box or in tests
 import matplotlib.pyplot as plt  # noqa: E402
 
-from experiments.demo import MAIN_METRICS  # noqa: E402  (task -> column, label, higher is better)
+from experiments.demo import MAIN_METRICS, last_value  # noqa: E402  (MAIN_METRICS: task -> column, label, higher)
 from experiments.report import read_metrics_csv  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,12 +62,6 @@ def series(run_dir: Path, column: str) -> list[tuple[int, float]]:
     """[(step, value)] of ``column`` in ``run_dir/metrics.csv`` ([] when absent)."""
     path = run_dir / "metrics.csv"
     return read_metrics_csv(path).get(column, []) if path.exists() else []
-
-
-def final(run_dir: Path, column: str) -> float | None:
-    """The last validation's value of ``column`` (None when the run has none)."""
-    values = series(run_dir, column)
-    return values[-1][1] if values else None
 
 
 @dataclass
@@ -112,7 +106,7 @@ def finals(runs: list[StudyRun]) -> dict[tuple[str, str, str], list[float]]:
     """(arm, task, init) -> the final validation metric of each finished seed."""
     out: dict[tuple[str, str, str], list[float]] = {}
     for r in runs:
-        value = final(r.run_dir, MAIN_METRICS[r.task][0])
+        value = last_value(r.run_dir, MAIN_METRICS[r.task][0])
         if value is not None:
             out.setdefault((r.arm, r.task, r.init), []).append(value)
     return out
@@ -272,11 +266,14 @@ def pretraining_rows(pretrain_dirs: dict[str, Path], budget) -> list[str]:
     ]
     for init, run_dir in pretrain_dirs.items():
         label, preset = OBJECTIVES[init]
-        val = final(run_dir, "val/loss")
+        val = last_value(run_dir, "val/loss")
         shown = "missing" if val is None else f"{val:.4f}"
         row = f"| {init} | {label} | `experiment={preset}` | {budget.pretrain_steps} | {shown} |"
         if teacher:
-            entropy, kl = final(run_dir, "distill/cls_entropy"), final(run_dir, "distill/cls_kl_center")
+            entropy, kl = (
+                last_value(run_dir, "distill/cls_entropy"),
+                last_value(run_dir, "distill/cls_kl_center"),
+            )
             row += f" {entropy:.3f} nats, {kl:.4f} |" if entropy is not None and kl is not None else "  |"
         rows.append(row)
     return rows
@@ -298,7 +295,7 @@ def per_seed_rows(runs: list[StudyRun]) -> list[str]:
     ]
     for r in runs:
         column = MAIN_METRICS[r.task][0]
-        value, loss = final(r.run_dir, column), final(r.run_dir, "val/loss")
+        value, loss = last_value(r.run_dir, column), last_value(r.run_dir, "val/loss")
         shown = "missing" if value is None else f"{value:.4f}"
         shown_loss = "missing" if loss is None else f"{loss:.4f}"
         rows.append(

@@ -11,14 +11,13 @@ import pytest
 import yaml
 
 from experiments.baselines import baseline_metrics
-from experiments.demo import BASELINE_FIT_BATCHES
+from experiments.demo import BASELINE_FIT_BATCHES, last_value
 from experiments.study import ARMS, DEFAULT, INITS, SMOKE, STUDY_HEADS, finetune_args
 from experiments.study_report import (
     FINDINGS_MARKER,
     MAIN_METRICS,
     Comparison,
     StudyRun,
-    final,
     write_report,
 )
 
@@ -76,7 +75,7 @@ def test_smoke_study_pretrains_each_objective_and_fine_tunes_every_init_from_its
     assert mae["trainer"]["max_steps"] == distill["trainer"]["max_steps"] == SMOKE.pretrain_steps
     assert mae["model"] == distill["model"] and distill["model"]["name"] == "vit_tiny"
     # the teacher's health is logged (the smoke study logs every step)
-    assert final(runs_dir / PRETRAIN_DIRS["distill"], "distill/cls_kl_center") is not None
+    assert last_value(runs_dir / PRETRAIN_DIRS["distill"], "distill/cls_kl_center") is not None
     ckpts = {i: str(runs_dir / d / "checkpoints" / "last.ckpt") for i, d in PRETRAIN_DIRS.items()}
     for arm in ARMS:
         for task in TASKS:
@@ -88,7 +87,7 @@ def test_smoke_study_pretrains_each_objective_and_fine_tunes_every_init_from_its
                     assert cfg["task"]["init_weights"] == "teacher"
                     assert cfg["task"]["freeze_backbone"] is (arm == "frozen")
                     assert cfg["seed"] == seed
-                    assert final(run_dir, MAIN_METRICS[task][0]) is not None
+                    assert last_value(run_dir, MAIN_METRICS[task][0]) is not None
                     # fine-tuned on the labelled subset, validated on the pool's validation split
                     assert "/labelled/shards/" in cfg["data"]["train_shards"]
                     assert "/pool/shards/" in cfg["data"]["val_shards"]
@@ -104,7 +103,9 @@ def test_smoke_study_table_compares_each_pretraining_with_random_and_distill_wit
     assert set(rows) == {(a, t, i) for a in ARMS for t in TASKS for i in INITS}
     for (arm, task, init), row in rows.items():
         column = MAIN_METRICS[task][0]
-        values = {i: [final(runs_dir / task / f"{arm}_{i}_s{s}", column) for s in SMOKE.seeds] for i in INITS}
+        values = {
+            i: [last_value(runs_dir / task / f"{arm}_{i}_s{s}", column) for s in SMOKE.seeds] for i in INITS
+        }
         shown_mean, shown_std = (float(v) for v in row["mean ± std"].split("±"))
         expected = Comparison.stats(values[init])
         assert shown_mean == pytest.approx(expected[0], abs=1e-4)
@@ -127,10 +128,10 @@ def test_smoke_study_table_compares_each_pretraining_with_random_and_distill_wit
     pretraining = {r["init"]: r for r in table(readme.split("## Pretraining")[1], "![")}
     assert set(pretraining) == {"mae", "distill"}
     for init, row in pretraining.items():
-        expected = final(runs_dir / PRETRAIN_DIRS[init], "val/loss")
+        expected = last_value(runs_dir / PRETRAIN_DIRS[init], "val/loss")
         assert float(row["final val/loss"]) == pytest.approx(expected, abs=1e-4)
     assert pretraining["distill"]["teacher: cls entropy, KL to centre"].endswith(
-        f"{final(runs_dir / PRETRAIN_DIRS['distill'], 'distill/cls_kl_center'):.4f}"
+        f"{last_value(runs_dir / PRETRAIN_DIRS['distill'], 'distill/cls_kl_center'):.4f}"
     )
     assert "python -m experiments.study --smoke" in readme and "model `vit_tiny`" in readme
     assert "git commit:" in readme and "CPU cores (nproc): " in readme
