@@ -26,13 +26,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 from hydra.utils import instantiate
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from sapiens.data.datamodule import ShardDataModule
 from sapiens.losses import normalize_depth_foreground
@@ -116,6 +116,24 @@ def fit_constant(task: Task, cfg, max_batches: int | None = None) -> torch.Tenso
     raise ValueError(f"no baseline for task {task.name!r}")
 
 
+def _load_run(run_dir: str | Path) -> tuple[DictConfig, Task]:
+    """(resolved config, task) of the fine-tuning run in ``run_dir``; a clear error if it is not one."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no resolved config (is {run_dir} a run directory?)")
+    cfg = OmegaConf.load(path)
+    return cfg, _build_task(cfg)
+
+
+def _score(task: Task, cfg, outputs: Callable[[dict], torch.Tensor]) -> dict[str, float]:
+    """The task's metrics over the validation shards for ``outputs(batch)``, the raw head output."""
+    for batch in _batches(cfg, cfg.data.val_shards):
+        task.update_metrics(outputs(batch), batch)
+    metrics = task.compute_metrics()
+    task.reset_metrics()
+    return metrics
+
+
 def fit_mean_depth_map(cfg, max_batches: int | None = None) -> torch.Tensor:
     """(H, W) mean of the foreground-normalised training depth (the training target) over the images where
     each pixel is foreground; pixels never on a person get the overall foreground mean."""
@@ -135,16 +153,11 @@ def fit_mean_depth_map(cfg, max_batches: int | None = None) -> torch.Tensor:
 
 def mean_depth_map_metrics(run_dir: str | Path, max_batches: int | None = None) -> dict[str, float]:
     """The depth run's metrics for the mean training depth map predicted for every validation image."""
-    cfg = OmegaConf.load(Path(run_dir) / "config.yaml")
-    task = _build_task(cfg)
+    cfg, task = _load_run(run_dir)
     if task.name != "depth":
         raise ValueError(f"{run_dir}: a {task.name} run; the mean depth map is a depth baseline")
     depth_map = fit_mean_depth_map(cfg, max_batches)
-    for batch in _batches(cfg, cfg.data.val_shards):
-        task.update_metrics(depth_map.expand(batch["image"].shape[0], 1, *depth_map.shape), batch)
-    metrics = task.compute_metrics()
-    task.reset_metrics()
-    return metrics
+    return _score(task, cfg, lambda batch: depth_map.expand(batch["image"].shape[0], 1, *depth_map.shape))
 
 
 def baseline_metrics(run_dir: str | Path, max_batches: int | None = None) -> dict[str, float]:
@@ -153,20 +166,12 @@ def baseline_metrics(run_dir: str | Path, max_batches: int | None = None) -> dic
     Returns the task's metrics (the same keys a model logs under ``val/``) plus ``"baseline"``, a
     one-line description of what was predicted.
     """
-    run_dir = Path(run_dir)
-    path = run_dir / "config.yaml"
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no resolved config (is {run_dir} a run directory?)")
-    cfg = OmegaConf.load(path)
-    task = _build_task(cfg)
+    cfg, task = _load_run(run_dir)
     if task.name == "pose":
         task.flip_test = False
         task.prepare_validation(ShardDataModule(train_shards=None, val_shards=cfg.data.val_shards))
     value = fit_constant(task, cfg, max_batches)
-    for batch in _batches(cfg, cfg.data.val_shards):
-        task.update_metrics(_constant_outputs(task, batch, value), batch)
-    metrics = task.compute_metrics()
-    task.reset_metrics()
+    metrics = _score(task, cfg, lambda batch: _constant_outputs(task, batch, value))
     return {**metrics, "baseline": BASELINES[task.name][1]}
 
 
