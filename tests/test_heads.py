@@ -15,12 +15,12 @@ def _features() -> torch.Tensor:
     return torch.randn(*FEATURES, generator=torch.Generator().manual_seed(0))
 
 
-def test_heatmap_head_tiny_shape_and_stride() -> None:
+def test_heatmap_head_tiny_shape_and_upsampling() -> None:
     head = HeatmapHead(C_TINY, num_keypoints=17, deconv_channels=(16, 16), conv_channels=(16, 16))
     out = head(_features())
     assert out.shape == (2, 17, 16, 12)
-    assert head.output_stride == 4
-    assert 64 // out.shape[2] == head.output_stride
+    assert head.upsample_factor == 4
+    assert out.shape[-2:] == (FEATURES[2] * head.upsample_factor, FEATURES[3] * head.upsample_factor)
 
 
 @pytest.mark.parametrize(
@@ -40,7 +40,7 @@ def test_dense_heads_tiny_shape_and_stride(factory, kwargs, channels, stride) ->
     head = factory(C_TINY, **kwargs)
     out = head(_features())
     assert out.shape == (2, channels, 64 // stride, 48 // stride)
-    assert head.output_stride == stride
+    assert head.upsample_factor == 16 // stride  # 16-pixel patches in this test
 
 
 def test_published_pose_head_keys_and_shapes() -> None:

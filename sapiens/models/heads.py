@@ -26,7 +26,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-# The published backbones' patch size: a head's ``output_stride`` assumes it (8-pixel patches halve it).
+# The published backbones' patch size (the token grid of a published input size).
 BACKBONE_STRIDE = 16
 
 # Published channel counts (reference sapiens.md 3a-3d).
@@ -116,7 +116,7 @@ class HeatmapHead(nn.Module):
         self.deconv_layers, channels = _upsampling_layers(in_channels, deconv_channels)
         self.conv_layers, channels = _pointwise_layers(channels, conv_channels)
         self.final_layer = nn.Conv2d(channels, num_keypoints, kernel_size=1)
-        self.output_stride = BACKBONE_STRIDE // 2 ** len(deconv_channels)
+        self.upsample_factor = 2 ** len(deconv_channels)  # output size = token grid x this
         _init_normal(self, init_std)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
@@ -160,7 +160,7 @@ class DenseHead(nn.Module):
         self.conv_layers, channels = _pointwise_layers(channels, conv_channels, conv_kernel_size)
         self.dropout = nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()
         self.conv_seg = nn.Conv2d(channels, out_channels, kernel_size=1)
-        self.output_stride = BACKBONE_STRIDE // 2 ** len(deconv_channels)
+        self.upsample_factor = 2 ** len(deconv_channels)  # output size = token grid x this
         _init_normal(self, init_std)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:

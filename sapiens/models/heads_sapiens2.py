@@ -78,7 +78,7 @@ class PoseHeatmapHead(nn.Module):
         self.deconv_layers, channels = _upsampling_layers(in_channels, deconv_channels)
         self.conv_layers, channels = _pointwise_layers(channels, conv_channels)
         self.conv_pose = nn.Conv2d(channels, out_channels, kernel_size=1)
-        self.output_stride = BACKBONE_STRIDE // 2 ** len(deconv_channels)
+        self.upsample_factor = 2 ** len(deconv_channels)  # output size = token grid x this
         _init_normal(self, init_std)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
@@ -121,7 +121,7 @@ class PixelShuffleTrunk(nn.Module):
             channels = out
         self.conv_layers = nn.Sequential(*layers)
         self.trunk_channels = channels
-        self.output_stride = BACKBONE_STRIDE // 2 ** len(upsample_channels)
+        self.upsample_factor = 2 ** len(upsample_channels)  # output size = token grid x this
 
     def trunk(self, features: torch.Tensor) -> torch.Tensor:
         """(B, C, h, w) -> (B, c, h * 2**n, w * 2**n)."""
