@@ -44,10 +44,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from data.synthhumans.shards import build_split
-from experiments.baselines import BASELINES, baseline_metrics
+from experiments.baselines import BASELINES, MEAN_DEPTH_MAP, baseline_metrics, mean_depth_map_metrics
 from experiments.demo import BASELINE_FIT_BATCHES
 from experiments.launch import Job, run_jobs
-from experiments.study_report import BASELINE, OBJECTIVES, StudyRun, write_report
+from experiments.study_report import BASELINE, OBJECTIVES, TRIVIAL, StudyRun, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = ("pose", "seg", "depth", "normal")
@@ -185,16 +185,24 @@ def build_data(budget: Budget, data_dir: Path) -> dict[str, Path]:
     return {"pool": pool, "labelled": labelled}
 
 
-def trivial_baselines(runs: list[StudyRun]) -> dict[str, float]:
-    """task -> its trivial baseline (``experiments.baselines``: mean pose, most frequent class, constant
-    depth, mean normal) scored on the study's validation set, read from the first finished run of the task
+def trivial_baselines(runs: list[StudyRun]) -> list[tuple[str, str, float]]:
+    """(task, what it predicts, score) rows: each task's trivial baseline (``experiments.baselines``: mean
+    pose, most frequent class, constant depth, mean normal) and, for depth, the harder image-independent
+    mean training depth map, scored on the study's validation set with the first finished run of the task
     (every run of a task shares its data and transforms)."""
-    out = {}
+    rows, done = [], set()
     for run in runs:
-        if run.task not in out and (run.run_dir / "metrics.csv").exists():
-            metrics = baseline_metrics(run.run_dir, max_batches=BASELINE_FIT_BATCHES)
-            out[run.task] = metrics[BASELINES[run.task][0]]
-    return out
+        if run.task in done or not (run.run_dir / "metrics.csv").exists():
+            continue
+        done.add(run.task)
+        metric = BASELINES[run.task][0]
+        rows.append(
+            (run.task, TRIVIAL[run.task], baseline_metrics(run.run_dir, BASELINE_FIT_BATCHES)[metric])
+        )
+        if run.task == "depth":
+            value = mean_depth_map_metrics(run.run_dir, BASELINE_FIT_BATCHES)[metric]
+            rows.append((run.task, MEAN_DEPTH_MAP, value))
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -279,11 +279,11 @@ def pretraining_rows(pretrain_dirs: dict[str, Path], budget) -> list[str]:
     return rows
 
 
-def trivial_rows(trivial: dict[str, float]) -> list[str]:
-    """One row per task: what its trivial baseline predicts and its score on the validation set."""
+def trivial_rows(trivial: list[tuple[str, str, float]]) -> list[str]:
+    """One row per (task, what the baseline predicts, its score on the validation set)."""
     rows = ["| task | metric | trivial baseline | value |", "|---|---|---|---|"]
-    for task, value in trivial.items():
-        rows.append(f"| {task} | {MAIN_METRICS[task][1]} | {TRIVIAL[task]} | {value:.4f} |")
+    for task, what, value in trivial:
+        rows.append(f"| {task} | {MAIN_METRICS[task][1]} | {what} | {value:.4f} |")
     return rows
 
 
@@ -312,11 +312,11 @@ def write_report(
     phases: dict[str, dict[str, float]],
     budget,
     command: str,
-    trivial: dict[str, float] | None = None,
+    trivial: list[tuple[str, str, float]] | None = None,
 ) -> Path:
     """Write ``out_dir/README.md``, ``curves.png``, ``pretrain_loss.png`` and ``<init>_reconstructions.png``
     (the last reconstruction picture of each pretraining in ``pretrain_dirs``: init -> run directory).
-    ``trivial``: task -> its trivial baseline's score on the same validation set, shown under the table."""
+    ``trivial``: (task, baseline, score on the same validation set) rows, shown under the table."""
     out_dir.mkdir(parents=True, exist_ok=True)
     plot_curves(runs, out_dir / "curves.png")
     plot_pretrain_loss(pretrain_dirs, out_dir / "pretrain_loss.png")

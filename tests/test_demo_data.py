@@ -1,5 +1,5 @@
 """`make demo`'s data step (only the shards the demo reads, a one-line error when the disk is short) and its
-depth yardsticks."""
+depth yardsticks, which the study's table of trivial baselines shares."""
 
 import argparse
 
@@ -9,6 +9,8 @@ from omegaconf import OmegaConf
 
 from experiments.baselines import MEAN_DEPTH_MAP, baseline_metrics, fit_mean_depth_map, mean_depth_map_metrics
 from experiments.demo import build_data, summary_table
+from experiments.study import trivial_baselines
+from experiments.study_report import TRIVIAL, StudyRun
 from tests.conftest import run_train
 
 
@@ -69,3 +71,10 @@ def test_depth_rows_show_the_constant_and_the_mean_depth_map_beside_the_model(sy
     assert len(rows) == 2
     assert f"| {constant:.4f} | optimal constant depth |" in rows[0]
     assert f"| {harder:.4f} | {MEAN_DEPTH_MAP} |" in rows[1]
+    # The study's table of trivial baselines shows both too.
+    study_rows = trivial_baselines([StudyRun("depth", "full", "mae", 0, run_dir)])
+    assert [(task, what) for task, what, _ in study_rows] == [
+        ("depth", TRIVIAL["depth"]),
+        ("depth", MEAN_DEPTH_MAP),
+    ]
+    assert [value for *_, value in study_rows] == pytest.approx([constant, harder], abs=1e-6)
