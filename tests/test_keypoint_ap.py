@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from sapiens.labels import KeypointSet, load_keypoint_set
-from sapiens.metrics.keypoint_ap import KeypointAP, batched_oks_nms, oks_nms
+from sapiens.metrics.keypoint_ap import KeypointAP
+from sapiens.metrics.oks_nms import batched_oks_nms, oks_nms
 
 THRESHOLDS = np.linspace(0.5, 0.95, 10)
 
