@@ -6,9 +6,10 @@ should: pretraining on many unlabelled images, fine-tuning on a small labelled s
     python -m experiments.study --smoke    # a few steps of everything (the tests)
     python -m experiments.study --inits mae random   # without the self-distillation arm
 
-Without the self-distillation arm the default took about an hour on 2 CPU cores and ``--quick`` about 15
-minutes; that arm adds a pretraining at about 2.9x MAE's CPU time per step (README, Benchmarks, demo shape),
-run beside MAE's, and half as many fine-tunes again.
+Without the self-distillation arm the default (the demo's 8-pixel ViT, all four tasks, 3 seeds) took 72
+minutes on 2 CPU cores (153 CPU-minutes) and ``--quick`` (16-pixel patches, seg and pose) about 15 minutes;
+that arm adds a pretraining at about 2.9x MAE's CPU time per step (README, Benchmarks, demo shape), run
+beside MAE's, and half as many fine-tunes again.
 
 Steps:
 1. Render an unlabelled pool of SynthHumans images (images only: they cost nothing to label or store)
@@ -80,7 +81,7 @@ class Budget:
     finetune_extra: list[str] = field(default_factory=list)
 
 
-DEFAULT = Budget(
+DEFAULT = Budget(  # the demo's recipe: 8-pixel patches (16x12 tokens at 128x96) and the presets' heads
     pool_images=4000,
     labelled_images=200,
     val_images=100,
@@ -89,8 +90,18 @@ DEFAULT = Budget(
     finetune_steps=400,
     finetune_batch=16,
     val_every=100,
+    model="vit_small_p8",
+    study_heads=False,
 )
-QUICK = replace(DEFAULT, pool_images=2000, pretrain_steps=1000, tasks=("seg", "pose"), finetune_steps=200)
+QUICK = replace(  # 16-pixel patches and STUDY_HEADS: half the CPU time per step, to fit about 15 minutes
+    DEFAULT,
+    pool_images=2000,
+    pretrain_steps=1000,
+    tasks=("seg", "pose"),
+    finetune_steps=200,
+    model="vit_small",
+    study_heads=True,
+)
 SMOKE = Budget(
     pool_images=16,
     labelled_images=8,
@@ -221,9 +232,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--heads",
         choices=["study", "presets"],
-        default="study",
-        help="study: STUDY_HEADS, for 16-pixel patches (the committed results); presets: the demo presets' "
-        "heads, for --model vit_small_p8",
+        default=None,
+        help="study: STUDY_HEADS, for 16-pixel patches (--quick, --smoke); presets: the demo presets' heads, "
+        "for 8-pixel patches (the default study, --model vit_small_p8); default: the budget's",
     )
     parser.add_argument(
         "--inits",
@@ -249,7 +260,8 @@ def main(argv: list[str] | None = None) -> int:
         budget = replace(budget, jobs=args.jobs)
     if args.model is not None:  # replaces the budget's model (the smoke study's vit_tiny)
         budget = replace(budget, model=args.model)
-    budget = replace(budget, study_heads=args.heads == "study")
+    if args.heads is not None:
+        budget = replace(budget, study_heads=args.heads == "study")
     runs_dir = args.runs_dir.resolve()
     data_dir = (args.data_dir or runs_dir / "datasets").resolve()
     out_dir = args.out_dir.resolve()

@@ -12,7 +12,7 @@ import yaml
 
 from experiments.baselines import baseline_metrics
 from experiments.demo import BASELINE_FIT_BATCHES, last_value
-from experiments.study import ARMS, DEFAULT, INITS, SMOKE, STUDY_HEADS, finetune_args
+from experiments.study import ARMS, DEFAULT, INITS, QUICK, SMOKE, STUDY_HEADS, finetune_args
 from experiments.study_report import (
     FINDINGS_MARKER,
     MAIN_METRICS,
@@ -280,14 +280,12 @@ def test_report_of_a_partial_study_lists_missing_runs(tmp_path):
     assert summary(text) == {}
 
 
-def test_fine_tunes_pin_the_study_heads_unless_the_presets_heads_are_asked_for(tmp_path):
-    from dataclasses import replace
-
+def test_quick_pins_the_study_heads_and_the_default_uses_the_demo_recipe(tmp_path):
     data = {"labelled": tmp_path / "labelled", "pool": tmp_path / "pool"}
     run = StudyRun("seg", "full", "mae", 0, tmp_path / "seg" / "full_mae_s0")
-    pinned = finetune_args(DEFAULT, data, run, tmp_path / "last.ckpt")
+    pinned = finetune_args(QUICK, data, run, tmp_path / "last.ckpt")  # --quick: 16-pixel patches
     assert "model=vit_small" in pinned
     assert all(o in pinned for o in STUDY_HEADS["seg"])
-    presets = finetune_args(replace(DEFAULT, model="vit_small_p8", study_heads=False), data, run, None)
+    presets = finetune_args(DEFAULT, data, run, None)  # the default: the demo's 8-pixel recipe
     assert "model=vit_small_p8" in presets and "task.init_from=null" in presets
     assert not [o for o in presets if o.startswith("task.task_head.")]
