@@ -175,6 +175,17 @@ def baseline_metrics(run_dir: str | Path, max_batches: int | None = None) -> dic
     return {**metrics, "baseline": BASELINES[task.name][1]}
 
 
+def yardsticks(task: str, run_dir: str | Path, max_batches: int | None = None) -> list[tuple[str, float]]:
+    """(what it predicts, the task's main metric ``BASELINES[task][0]``) of each image-independent baseline
+    of the ``task`` run in ``run_dir``: first its trivial baseline (``baseline_metrics``), then, for depth,
+    the harder mean training depth map. The demo's and the study's tables both show these."""
+    metric = BASELINES[task][0]
+    rows = [(BASELINES[task][1], baseline_metrics(run_dir, max_batches)[metric])]
+    if task == "depth":
+        rows.append((MEAN_DEPTH_MAP, mean_depth_map_metrics(run_dir, max_batches)[metric]))
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dirs", nargs="+", help="fine-tuning run directories (holding config.yaml)")

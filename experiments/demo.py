@@ -27,7 +27,7 @@ import torch
 
 from data.synthhumans.scene import SCENE_STYLES
 from data.synthhumans.shards import build
-from experiments.baselines import BASELINES, MEAN_DEPTH_MAP, baseline_metrics, mean_depth_map_metrics
+from experiments.baselines import yardsticks
 from experiments.launch import Job, run_jobs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -121,19 +121,14 @@ def summary_table(output_dir: Path, run_name: str, tasks: list[str]) -> tuple[st
         column, label, higher = MAIN_METRICS[task]
         run_dir = output_dir / task / run_name
         value = last_value(run_dir, column)
-        base = baseline_metrics(run_dir, max_batches=BASELINE_FIT_BATCHES)
-        base_value = base[BASELINES[task][0]]
-        better = value is not None and (value > base_value if higher else value < base_value)
-        all_better &= better
         shown = "missing" if value is None else f"{value:.4f}"
-        rows.append(
-            f"| {task} | {label} | {shown} | {base_value:.4f} | {base['baseline']} | "
-            f"{'yes' if better else 'NO'} |"
-        )
-        if task == "depth":  # shown beside the baseline, not part of the verdict (README)
-            harder = mean_depth_map_metrics(run_dir, max_batches=BASELINE_FIT_BATCHES)["rmse"]
-            beats = "yes" if value is not None and value < harder else "no"
-            rows.append(f"| depth | {label} | {shown} | {harder:.4f} | {MEAN_DEPTH_MAP} | {beats} |")
+        # The first yardstick is the verdict; depth's mean depth map after it is shown only (README).
+        for i, (what, base_value) in enumerate(yardsticks(task, run_dir, max_batches=BASELINE_FIT_BATCHES)):
+            better = value is not None and (value > base_value if higher else value < base_value)
+            if i == 0:
+                all_better &= better
+            verdict = "yes" if better else "NO" if i == 0 else "no"
+            rows.append(f"| {task} | {label} | {shown} | {base_value:.4f} | {what} | {verdict} |")
     return "\n".join(rows), all_better
 
 

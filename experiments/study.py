@@ -45,7 +45,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from data.synthhumans.shards import build_split
-from experiments.baselines import BASELINES, MEAN_DEPTH_MAP, baseline_metrics, mean_depth_map_metrics
+from experiments.baselines import yardsticks
 from experiments.demo import BASELINE_FIT_BATCHES
 from experiments.launch import Job, run_jobs
 from experiments.study_report import BASELINE, OBJECTIVES, TRIVIAL, StudyRun, write_report
@@ -206,13 +206,8 @@ def trivial_baselines(runs: list[StudyRun]) -> list[tuple[str, str, float]]:
         if run.task in done or not (run.run_dir / "metrics.csv").exists():
             continue
         done.add(run.task)
-        metric = BASELINES[run.task][0]
-        rows.append(
-            (run.task, TRIVIAL[run.task], baseline_metrics(run.run_dir, BASELINE_FIT_BATCHES)[metric])
-        )
-        if run.task == "depth":
-            value = mean_depth_map_metrics(run.run_dir, BASELINE_FIT_BATCHES)[metric]
-            rows.append((run.task, MEAN_DEPTH_MAP, value))
+        for i, (what, value) in enumerate(yardsticks(run.task, run.run_dir, BASELINE_FIT_BATCHES)):
+            rows.append((run.task, TRIVIAL[run.task] if i == 0 else what, value))
     return rows
 
 
