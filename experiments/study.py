@@ -55,6 +55,7 @@ TASKS = ("pose", "seg", "depth", "normal")
 ARMS = ("full", "frozen")
 INITS = tuple(OBJECTIVES)  # mae, distill, random
 PHASE_WALLS = "_phase_wall_s"  # key in timings.json: phase -> wall seconds over every invocation
+DATA_PHASE = "data (SynthHumans shards)"
 
 
 @dataclass
@@ -83,24 +84,23 @@ class Budget:
 
 DEFAULT = Budget(  # the demo's recipe: 8-pixel patches (16x12 tokens at 128x96) and the presets' heads
     pool_images=4000,
-    labelled_images=200,
+    labelled_images=100,
     val_images=100,
     generator_size=(256, 192),
     pretrain_steps=3000,
-    finetune_steps=400,
+    finetune_steps=300,
     finetune_batch=16,
     val_every=100,
     model="vit_small_p8",
     study_heads=False,
 )
-QUICK = replace(  # 16-pixel patches and STUDY_HEADS: half the CPU time per step, to fit about 15 minutes
+QUICK = replace(  # seg and pose only, fewer pretraining and fine-tuning steps, to fit about 15 minutes
     DEFAULT,
-    pool_images=2000,
-    pretrain_steps=1000,
+    pool_images=1500,
+    pretrain_steps=800,
     tasks=("seg", "pose"),
-    finetune_steps=200,
-    model="vit_small",
-    study_heads=True,
+    finetune_steps=120,
+    val_every=40,
 )
 SMOKE = Budget(
     pool_images=16,
@@ -125,9 +125,9 @@ SMOKE = Budget(
 )
 
 
-# The heads the committed study results were measured with, for the 16-pixel patches of ``vit_small``. The
-# demo presets moved to 8-pixel patches afterwards (one stride-2 block fewer per head, and no 1x1 convs in
-# the seg head): their 16x12 token grid costs about twice the CPU time per step.
+# Heads for the 16-pixel patches of ``vit_small`` (``--heads study``; the smoke study and the committed
+# 16-pixel report, experiments/study/patch16_quick). The demo presets' heads, which the default and
+# ``--quick`` use, are for 8-pixel patches (one stride-2 block fewer per head, no 1x1 convs in the seg head).
 STUDY_HEADS = {
     "pose": ["task.task_head.deconv_channels=[64,64]"],
     "seg": ["task.task_head.deconv_channels=[32,32,32]", "task.task_head.conv_channels=[32,32,32]"],
@@ -139,6 +139,13 @@ STUDY_HEADS = {
 def model_args(budget: Budget) -> list[str]:
     """The ``model=`` override of every run ([] keeps the presets' model)."""
     return [f"model={budget.model}"] if budget.model else []
+
+
+def thread_args(side_by_side: int) -> list[str]:
+    """How a run uses the cores when ``side_by_side`` runs share them: the data decoded in the training
+    process (data workers would take cores from the model: with two of them ``cpu_threads=auto`` leaves
+    the model one thread), and one thread each when runs share the machine (the demo's setup)."""
+    return ["data.num_workers=0", *(["cpu_threads=1"] if side_by_side > 1 else [])]
 
 
 def finetune_args(budget: Budget, data: dict[str, Path], run: StudyRun, ckpt: Path | None) -> list[str]:
@@ -156,14 +163,18 @@ def finetune_args(budget: Budget, data: dict[str, Path], run: StudyRun, ckpt: Pa
         f"data.epoch_length={budget.val_every}",
         "trainer.limit_val_batches=null",
         "validate_after_fit=false",  # the last nominal epoch ends on the last step and validates
+        *thread_args(budget.jobs),
         *model_args(budget),
         *(STUDY_HEADS[run.task] if budget.study_heads else []),
         *budget.finetune_extra,
     ]
 
 
-def pretrain_job(budget: Budget, data: dict[str, Path], init: str, runs_dir: Path, common: list[str]) -> Job:
-    """The ``init`` objective's pretraining on the unlabelled pool (run ``<runs-dir>/<task name>/<init>``)."""
+def pretrain_job(
+    budget: Budget, data: dict[str, Path], init: str, runs_dir: Path, common: list[str], side_by_side: int = 1
+) -> Job:
+    """The ``init`` objective's pretraining on the unlabelled pool (run ``<runs-dir>/<task name>/<init>``),
+    one of ``side_by_side`` pretrainings that share the cores."""
     preset = OBJECTIVES[init][1]
     task_name = "pretrain" if init == "mae" else f"pretrain_{init}"  # train.py files runs under task.name
     return Job(
@@ -175,6 +186,7 @@ def pretrain_job(budget: Budget, data: dict[str, Path], init: str, runs_dir: Pat
             f"data.train_shards={data['pool']}/shards/pretrain/train",
             f"data.val_shards={data['pool']}/shards/pretrain/val",
             f"trainer.max_steps={budget.pretrain_steps}",
+            *thread_args(min(side_by_side, budget.jobs)),
             *model_args(budget),
             *budget.pretrain_extra,
         ],
@@ -228,8 +240,8 @@ def main(argv: list[str] | None = None) -> int:
         "--heads",
         choices=["study", "presets"],
         default=None,
-        help="study: STUDY_HEADS, for 16-pixel patches (--quick, --smoke); presets: the demo presets' heads, "
-        "for 8-pixel patches (the default study, --model vit_small_p8); default: the budget's",
+        help="study: STUDY_HEADS, for 16-pixel patches (--smoke; --model vit_small); presets: the demo presets' "
+        "heads, for 8-pixel patches (the default study and --quick); default: the budget's",
     )
     parser.add_argument(
         "--inits",
@@ -271,12 +283,13 @@ def main(argv: list[str] | None = None) -> int:
     ]
 
     start = time.perf_counter()
-    phases: dict[str, dict[str, float]] = {}
-    data = build_data(budget, data_dir)
-    phases["data (SynthHumans shards)"] = {"wall": time.perf_counter() - start, "cpu": 0.0}
-
     timings_path = runs_dir / "timings.json"
     done = json.loads(timings_path.read_text()) if timings_path.exists() else {}
+    walls = done.setdefault(PHASE_WALLS, {})  # phase -> wall seconds summed over every invocation
+    phases: dict[str, dict[str, float]] = {}
+    data = build_data(budget, data_dir)
+    walls[DATA_PHASE] = walls.get(DATA_PHASE, 0.0) + time.perf_counter() - start
+    phases[DATA_PHASE] = {"wall": walls[DATA_PHASE], "cpu": 0.0}
 
     def launch(jobs: list[Job], phase: str | None = None) -> None:
         """Run the jobs not finished in an earlier invocation; record their wall and CPU time (and the
@@ -291,7 +304,6 @@ def main(argv: list[str] | None = None) -> int:
             if job.ok:
                 done[job.name] = {"wall": job.wall_s, "cpu": job.cpu_s}
         if phase is not None:  # wall summed over invocations, so a rerun that reuses runs keeps it
-            walls = done.setdefault(PHASE_WALLS, {})
             walls[phase] = walls.get(phase, 0.0) + time.perf_counter() - t0
             phases[phase] = {
                 "wall": walls[phase],
@@ -300,8 +312,9 @@ def main(argv: list[str] | None = None) -> int:
         timings_path.parent.mkdir(parents=True, exist_ok=True)
         timings_path.write_text(json.dumps(done, indent=1))
 
+    objectives = [init for init in budget.inits if init != BASELINE]
     pretrain_jobs = {
-        init: pretrain_job(budget, data, init, runs_dir, common) for init in budget.inits if init != BASELINE
+        init: pretrain_job(budget, data, init, runs_dir, common, len(objectives)) for init in objectives
     }
     launch(list(pretrain_jobs.values()))
     for init, job in pretrain_jobs.items():  # side by side: one phase each, from the job's own times
@@ -334,7 +347,8 @@ def main(argv: list[str] | None = None) -> int:
                     budget.finetune_steps,
                 )
             )
-        launch(jobs, f"fine-tune, {arm} arm ({len(jobs)} runs)")
+        # One name per arm whatever the invocation runs, so a study grown in steps sums its walls.
+        launch(jobs, f"fine-tune, {arm} arm")
         write_report(out_dir, runs, pretrain_dirs, phases, budget, command)
 
     total_cpu = sum(p["cpu"] for p in phases.values())

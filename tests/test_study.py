@@ -2,8 +2,10 @@
 self-distillation, random), table, statistics and curves; the report's arithmetic on synthetic metrics."""
 
 import csv
+import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -12,7 +14,17 @@ import yaml
 
 from experiments.baselines import baseline_metrics
 from experiments.demo import BASELINE_FIT_BATCHES, last_value
-from experiments.study import ARMS, DEFAULT, INITS, QUICK, SMOKE, STUDY_HEADS, finetune_args
+from experiments.study import (
+    ARMS,
+    DATA_PHASE,
+    DEFAULT,
+    INITS,
+    PHASE_WALLS,
+    QUICK,
+    SMOKE,
+    STUDY_HEADS,
+    finetune_args,
+)
 from experiments.study_report import (
     FINDINGS_MARKER,
     MAIN_METRICS,
@@ -74,6 +86,10 @@ def test_smoke_study_pretrains_each_objective_and_fine_tunes_every_init_from_its
         assert mae["data"][key] == distill["data"][key]
     assert mae["trainer"]["max_steps"] == distill["trainer"]["max_steps"] == SMOKE.pretrain_steps
     assert mae["model"] == distill["model"] and distill["model"]["name"] == "vit_tiny"
+    # Data decoded in process (workers would take the model's cores); the two pretrainings share the
+    # machine, one thread each.
+    for cfg in (mae, distill):
+        assert (cfg["data"]["num_workers"], cfg["cpu_threads"]) == (0, 1)
     # the teacher's health is logged (the smoke study logs every step)
     assert last_value(runs_dir / PRETRAIN_DIRS["distill"], "distill/cls_kl_center") is not None
     ckpts = {i: str(runs_dir / d / "checkpoints" / "last.ckpt") for i, d in PRETRAIN_DIRS.items()}
@@ -87,6 +103,7 @@ def test_smoke_study_pretrains_each_objective_and_fine_tunes_every_init_from_its
                     assert cfg["task"]["init_weights"] == "teacher"
                     assert cfg["task"]["freeze_backbone"] is (arm == "frozen")
                     assert cfg["seed"] == seed
+                    assert (cfg["data"]["num_workers"], cfg["cpu_threads"]) == (0, 1)  # two at a time
                     assert last_value(run_dir, MAIN_METRICS[task][0]) is not None
                     # fine-tuned on the labelled subset, validated on the pool's validation split
                     assert "/labelled/shards/" in cfg["data"]["train_shards"]
@@ -150,9 +167,15 @@ def test_rerun_reuses_finished_runs_and_keeps_hand_written_findings(smoke_study)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "reusing the finished run" in done.stdout and "$ train.py" not in done.stdout
     text = readme.read_text()
-    # A phase whose runs were all reused keeps the wall time it took when they ran.
+    # A phase whose runs were all reused keeps the wall time it took when they ran, under one name per
+    # phase whatever an invocation runs (a study grown task by task sums every invocation's time).
+    walls = json.loads((runs_dir / "timings.json").read_text())[PHASE_WALLS]
+    assert set(walls) == {DATA_PHASE, "fine-tune, full arm", "fine-tune, frozen arm"}
+    fine_tunes = [v["wall"] for k, v in json.loads((runs_dir / "timings.json").read_text()).items()
+                  if k.startswith("seg/full_")]  # fmt: skip
+    assert walls["fine-tune, full arm"] >= sum(fine_tunes) / SMOKE.jobs
     full_arm = next(line for line in text.splitlines() if line.startswith("| fine-tune, full arm"))
-    assert float(full_arm.split("|")[2]) > 0
+    assert float(full_arm.split("|")[2]) == pytest.approx(walls["fine-tune, full arm"] / 60, abs=0.06)
     assert text.count(FINDINGS_MARKER) == 1
     assert text.rstrip().endswith("Masking 50% did not help either.")
 
@@ -280,12 +303,16 @@ def test_report_of_a_partial_study_lists_missing_runs(tmp_path):
     assert summary(text) == {}
 
 
-def test_quick_pins_the_study_heads_and_the_default_uses_the_demo_recipe(tmp_path):
+def test_default_and_quick_use_the_demo_recipe_and_study_heads_pin_the_16_pixel_heads(tmp_path):
     data = {"labelled": tmp_path / "labelled", "pool": tmp_path / "pool"}
     run = StudyRun("seg", "full", "mae", 0, tmp_path / "seg" / "full_mae_s0")
-    pinned = finetune_args(QUICK, data, run, tmp_path / "last.ckpt")  # --quick: 16-pixel patches
+    for budget in (DEFAULT, QUICK):  # the demo's 8-pixel recipe, its presets' heads
+        args = finetune_args(budget, data, run, None)
+        assert "model=vit_small_p8" in args and "task.init_from=null" in args
+        assert not [o for o in args if o.startswith("task.task_head.")]
+        assert f"trainer.max_steps={budget.finetune_steps}" in args
+    assert QUICK.finetune_steps < DEFAULT.finetune_steps and set(QUICK.tasks) == {"seg", "pose"}
+    patch16 = replace(QUICK, model="vit_small", study_heads=True)  # --model vit_small --heads study
+    pinned = finetune_args(patch16, data, run, tmp_path / "last.ckpt")
     assert "model=vit_small" in pinned
     assert all(o in pinned for o in STUDY_HEADS["seg"])
-    presets = finetune_args(DEFAULT, data, run, None)  # the default: the demo's 8-pixel recipe
-    assert "model=vit_small_p8" in presets and "task.init_from=null" in presets
-    assert not [o for o in presets if o.startswith("task.task_head.")]
