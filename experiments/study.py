@@ -240,8 +240,8 @@ def main(argv: list[str] | None = None) -> int:
         "--heads",
         choices=["study", "presets"],
         default=None,
-        help="study: STUDY_HEADS, for 16-pixel patches (--smoke; --model vit_small); presets: the demo presets' "
-        "heads, for 8-pixel patches (the default study and --quick); default: the budget's",
+        help="study: STUDY_HEADS, for 16-pixel patches (--smoke; --model vit_small); presets: the demo "
+        "presets' heads, for 8-pixel patches (the default study and --quick); default: the budget's",
     )
     parser.add_argument(
         "--inits",
