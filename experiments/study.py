@@ -6,10 +6,10 @@ should: pretraining on many unlabelled images, fine-tuning on a small labelled s
     python -m experiments.study --smoke    # a few steps of everything (the tests)
     python -m experiments.study --inits mae random   # without the self-distillation arm
 
-Without the self-distillation arm the default (the demo's 8-pixel ViT, all four tasks, 3 seeds) took 72
-minutes on 2 CPU cores (153 CPU-minutes) and ``--quick`` (16-pixel patches, seg and pose) about 15 minutes;
-that arm adds a pretraining at about 2.9x MAE's CPU time per step (README, Benchmarks, demo shape), run
-beside MAE's, and half as many fine-tunes again.
+Without the self-distillation arm the default (the demo's 8-pixel ViT, all four tasks, 3 seeds) took 66
+minutes on 2 CPU cores (128 CPU-minutes) and ``--quick`` (seg and pose, fewer steps) 13 minutes; that arm
+adds a pretraining at about 2.9x MAE's CPU time per step (README, Benchmarks, demo shape), run beside MAE's,
+and half as many fine-tunes again.
 
 Steps:
 1. Render an unlabelled pool of SynthHumans images (images only: they cost nothing to label or store)
