@@ -28,7 +28,7 @@ import torch
 from data.synthhumans.scene import SCENE_STYLES
 from data.synthhumans.shards import build
 from experiments.baselines import yardsticks
-from experiments.launch import Job, run_jobs
+from experiments.launch import Job, run_jobs, thread_args
 
 ROOT = Path(__file__).resolve().parents[1]
 # The baselines' constants (mean pose, class counts, mean normal) from this many training batches of 16:
@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     # two data workers the model got one thread of two cores (129 s against about 75 s for 300 steps).
     pretrain = Job(
         "pretrain",
-        ["experiment=pretrain_demo", *common, *steps, "data.num_workers=0"],
+        ["experiment=pretrain_demo", *common, *steps, *thread_args(1)],
         logs / f"pretrain_{args.run_name}.log",
         output_dir / "pretrain" / args.run_name,
     )
@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     pretrained = output_dir / "pretrain" / args.run_name / "checkpoints" / "last.ckpt"
     steps = [] if args.finetune_steps is None else [f"trainer.max_steps={args.finetune_steps}"]
     if args.jobs > 1:  # side by side: one thread each, data prepared in the training process
-        steps += ["cpu_threads=1", "data.num_workers=0"]
+        steps += thread_args(args.jobs)
     finetunes = [
         Job(
             task,

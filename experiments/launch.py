@@ -37,6 +37,13 @@ class Job:
     started: float = field(default=0.0, repr=False)
 
 
+def thread_args(side_by_side: int) -> list[str]:
+    """train.py overrides for a run that shares the cores with ``side_by_side - 1`` others: the data decoded
+    in the training process (data workers would take cores from the model: with two of them
+    ``cpu_threads=auto`` leaves the model one thread of two cores), and one thread each when runs share."""
+    return ["data.num_workers=0", *(["cpu_threads=1"] if side_by_side > 1 else [])]
+
+
 def _last_step(run_dir: Path | None) -> int | None:
     """Largest ``step`` logged so far in ``run_dir/metrics.csv`` (None before the first flush)."""
     if run_dir is None or not (run_dir / "metrics.csv").exists():

@@ -47,7 +47,7 @@ from pathlib import Path
 from data.synthhumans.shards import build_split
 from experiments.baselines import yardsticks
 from experiments.demo import BASELINE_FIT_BATCHES
-from experiments.launch import Job, run_jobs
+from experiments.launch import Job, run_jobs, thread_args
 from experiments.study_report import BASELINE, OBJECTIVES, TRIVIAL, StudyRun, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -139,13 +139,6 @@ STUDY_HEADS = {
 def model_args(budget: Budget) -> list[str]:
     """The ``model=`` override of every run ([] keeps the presets' model)."""
     return [f"model={budget.model}"] if budget.model else []
-
-
-def thread_args(side_by_side: int) -> list[str]:
-    """How a run uses the cores when ``side_by_side`` runs share them: the data decoded in the training
-    process (data workers would take cores from the model: with two of them ``cpu_threads=auto`` leaves
-    the model one thread), and one thread each when runs share the machine (the demo's setup)."""
-    return ["data.num_workers=0", *(["cpu_threads=1"] if side_by_side > 1 else [])]
 
 
 def finetune_args(budget: Budget, data: dict[str, Path], run: StudyRun, ckpt: Path | None) -> list[str]:

@@ -169,10 +169,10 @@ def test_rerun_reuses_finished_runs_and_keeps_hand_written_findings(smoke_study)
     text = readme.read_text()
     # A phase whose runs were all reused keeps the wall time it took when they ran, under one name per
     # phase whatever an invocation runs (a study grown task by task sums every invocation's time).
-    walls = json.loads((runs_dir / "timings.json").read_text())[PHASE_WALLS]
+    timings = json.loads((runs_dir / "timings.json").read_text())
+    walls = timings[PHASE_WALLS]
     assert set(walls) == {DATA_PHASE, "fine-tune, full arm", "fine-tune, frozen arm"}
-    fine_tunes = [v["wall"] for k, v in json.loads((runs_dir / "timings.json").read_text()).items()
-                  if k.startswith("seg/full_")]  # fmt: skip
+    fine_tunes = [v["wall"] for k, v in timings.items() if k.startswith("seg/full_")]
     assert walls["fine-tune, full arm"] >= sum(fine_tunes) / SMOKE.jobs
     full_arm = next(line for line in text.splitlines() if line.startswith("| fine-tune, full arm"))
     assert float(full_arm.split("|")[2]) == pytest.approx(walls["fine-tune, full arm"] / 60, abs=0.06)
