@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sapiens.models.attention import attention
 from sapiens.models.backbone import Backbone, drop_path
 from sapiens.models.rope import RopePositionEmbedding, apply_rope
 from sapiens.models.vit import PatchEmbed
@@ -124,7 +125,7 @@ class GroupedQueryAttention(nn.Module):
         if self.num_kv_heads != self.num_heads:
             group = self.num_heads // self.num_kv_heads
             k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v)  # (B, heads, P + N, hd), scale 1 / sqrt(hd)
+        out = attention(q, k, v)  # (B, heads, P + N, hd), scale 1 / sqrt(hd)
         return self.gamma(self.proj(out.transpose(1, 2).reshape(b, n, d)))
 
 

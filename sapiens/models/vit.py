@@ -17,9 +17,9 @@ Parameter names follow timm (``blocks.i.norm1``, ``mlp.fc1``, ``norm``...). The 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from sapiens.models.attention import attention
 from sapiens.models.backbone import Backbone, drop_path
 from sapiens.models.pos_embed import infer_grid, resize_pos_embed, sincos_2d
 
@@ -27,8 +27,8 @@ LN_EPS = 1e-6
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention with a fused qkv projection, run through ``scaled_dot_product_attention``
-    (flash / memory-efficient kernels on GPU when eligible)."""
+    """Multi-head self-attention with a fused qkv projection, run through :func:`attention` (fused kernels
+    on GPU, written out for short sequences in bf16 on CPU)."""
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True):
         super().__init__()
@@ -42,7 +42,7 @@ class Attention(nn.Module):
         """x: (B, N, C) -> (B, N, C)."""
         b, n, c = x.shape
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
-        x = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])  # (B, heads, N, head_dim)
+        x = attention(qkv[0], qkv[1], qkv[2])  # (B, heads, N, head_dim)
         return self.proj(x.transpose(1, 2).reshape(b, n, c))
 
 
