@@ -152,12 +152,9 @@ class WeightedCrossEntropy(nn.Module):
         log_probs = resize_to(logits.float(), tuple(labels.shape[-2:])).log_softmax(dim=1)
         return self.from_log_probs(log_probs, labels)
 
-    def from_log_probs(self, log_probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """The same loss from ``log_softmax`` of logits already at the label size: log_probs (B, C, H, W),
-        labels (B, H, W). Lets a caller share one softmax between this and a Dice term."""
-        _check_shape("WeightedCrossEntropy log-probabilities", log_probs, 4, "(B, C, H, W)")
-        _check_shape("WeightedCrossEntropy labels", labels, 3, "(B, H, W)")
-        num_classes = log_probs.shape[1]
+    def checked_labels(self, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+        """labels (B, H, W) as int64, after checking them and the class weights against ``num_classes``
+        logit channels: a clear error instead of an index error (or a CUDA device assert) later."""
         if self.class_weight is not None and self.class_weight.numel() != num_classes:
             raise ValueError(
                 f"WeightedCrossEntropy: {self.class_weight.numel()} class weights for "
@@ -170,6 +167,14 @@ class WeightedCrossEntropy(nn.Module):
                 f"WeightedCrossEntropy: labels must be in [0, {num_classes}) or "
                 f"{self.ignore_index} (ignore); got values {labels.unique().tolist()[:10]}"
             )
+        return labels
+
+    def from_log_probs(self, log_probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The same loss from ``log_softmax`` of logits already at the label size: log_probs (B, C, H, W),
+        labels (B, H, W). Lets a caller share one softmax between this and a Dice term."""
+        _check_shape("WeightedCrossEntropy log-probabilities", log_probs, 4, "(B, C, H, W)")
+        _check_shape("WeightedCrossEntropy labels", labels, 3, "(B, H, W)")
+        labels = self.checked_labels(labels, log_probs.shape[1])
         weight = None if self.class_weight is None else self.class_weight.to(log_probs.dtype)
         # cross_entropy is exactly log_softmax + nll_loss.
         per_pixel = F.nll_loss(
