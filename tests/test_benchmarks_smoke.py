@@ -113,6 +113,24 @@ def test_pretrain_throughput_rejects_unknown_model() -> None:
     assert "conf/model/nope.yaml" in proc.stderr and "vit_tiny" in proc.stderr
 
 
+def test_cpu_attention() -> None:
+    out = run_benchmark(
+        "cpu_attention", "--tokens", "48", "512", "--height", "32", "--width", "24", "--batch", "2",
+        "--repeats", "1", "--rounds", "1",
+    )  # fmt: skip
+    rows = markdown_rows(out)
+    # Kernel rows: dtype, tokens, batch, fused ms, written-out ms, ratio; then the model rows.
+    kernels = [r for r in rows if r[0] in ("bfloat16", "float32")]
+    assert [(r[0], r[1]) for r in kernels] == [
+        ("bfloat16", "48"), ("bfloat16", "512"), ("float32", "48"), ("float32", "512"),
+    ]  # fmt: skip
+    for row in kernels:
+        fused, written, ratio = float(row[3]), float(row[4]), float(row[5])
+        assert fused > 0 and written > 0 and ratio == pytest.approx(fused / written, rel=0.05, abs=0.01)
+    steps = {r[0]: r for r in rows if r[0] in ("MAE pretraining", "pose fine-tune")}
+    assert len(steps) == 2 and all(float(r[1]) > 0 and float(r[2]) > 0 for r in steps.values())
+
+
 def test_data_pipeline() -> None:
     out = run_benchmark(
         "data_pipeline",
