@@ -41,9 +41,9 @@ MAIN_METRICS = {
     "depth": ("val/rmse", "RMSE (aligned, m)", False),
     "normal": ("val/mean_angular_error", "mean angle (deg)", False),
 }
-# Longest first (CPU seconds at the presets' steps in bf16, fresh clone of 3a20643: seg 687, pose 368,
-# normal 135, depth 116): seg keeps one core while the other three share the other, so both cores finish
-# close together.
+# Longest first (CPU seconds at the presets' steps in bf16, fresh clone of 947c42d: seg 601, pose 361,
+# normal 123, depth 107): seg keeps one core while the other three share the other, so both cores finish
+# close together (613 s and 612 s of wall time there).
 LAUNCH_ORDER = ("seg", "pose", "normal", "depth")
 # Disk per rendered image with the demo's shards (raw float depth / normal / pointmap arrays and the
 # shards; measured 6.6 GB for 3120 images at 256x192), with a margin.
