@@ -21,8 +21,9 @@ from typing import Any
 import lightning.pytorch as pl
 
 from sapiens.data.readers import READERS
+from sapiens.data.shard_loader import ShardLoader
 from sapiens.data.shard_urls import expand_shards
-from sapiens.data.shards import ShardLoader, build_eval_pipeline, build_train_pipeline, dist_info
+from sapiens.data.shards import build_eval_pipeline, build_train_pipeline, dist_info
 
 log = logging.getLogger(__name__)
 
