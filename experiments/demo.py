@@ -23,12 +23,10 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 from data.synthhumans.scene import SCENE_STYLES
 from data.synthhumans.shards import build
 from experiments.baselines import yardsticks
-from experiments.launch import Job, run_jobs, thread_args
+from experiments.launch import PRECISIONS, Job, resolve_precision, run_jobs, thread_args
 
 ROOT = Path(__file__).resolve().parents[1]
 # The baselines' constants (mean pose, class counts, mean normal) from this many training batches of 16:
@@ -83,13 +81,6 @@ def build_data(args: argparse.Namespace, data_root: Path) -> bool:
         print(f"error: the disk filled up while writing {data_root} ({err}): {advice}", file=sys.stderr)
         return False
     return True
-
-
-def native_cpu_bf16() -> bool:
-    """Whether this CPU multiplies bf16 matrices natively (AVX512-BF16 or AMX). There bf16 autocast makes
-    a demo step 17-25% faster; elsewhere bf16 is emulated and slower than fp32."""
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
 
 
 def last_value(run_dir: Path, column: str) -> float | None:
@@ -162,14 +153,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--precision",
         default="auto",
-        choices=["auto", "32-true", "bf16-mixed"],
+        choices=PRECISIONS,
         help="auto: bf16-mixed where the CPU has native bf16 matmuls, else 32-true",
     )
     args = parser.parse_args(argv)
-    precision = args.precision
-    if precision == "auto":
-        precision = "bf16-mixed" if native_cpu_bf16() else "32-true"
-        print(f"precision: {precision} (--precision auto: native bf16 matmuls: {precision != '32-true'})")
+    precision = resolve_precision(args.precision)
 
     start = time.perf_counter()
     output_dir = Path(args.output_dir)

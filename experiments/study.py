@@ -47,7 +47,7 @@ from pathlib import Path
 from data.synthhumans.shards import build_split
 from experiments.baselines import yardsticks
 from experiments.demo import BASELINE_FIT_BATCHES
-from experiments.launch import Job, run_jobs, thread_args
+from experiments.launch import PRECISIONS, Job, resolve_precision, run_jobs, thread_args
 from experiments.study_report import BASELINE, OBJECTIVES, TRIVIAL, StudyRun, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -237,6 +237,13 @@ def main(argv: list[str] | None = None) -> int:
         "presets' heads, for 8-pixel patches (the default study and --quick); default: the budget's",
     )
     parser.add_argument(
+        "--precision",
+        default="auto",
+        choices=PRECISIONS,
+        help="every run's trainer.precision; auto (default): bf16-mixed where the CPU has native bf16 "
+        "matmuls (about 1.5x faster there), else 32-true",
+    )
+    parser.add_argument(
         "--inits",
         nargs="+",
         choices=INITS,
@@ -266,6 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     data_dir = (args.data_dir or runs_dir / "datasets").resolve()
     out_dir = args.out_dir.resolve()
     command = shlex.join(["python", "-m", "experiments.study", *argv])
+    precision = resolve_precision(args.precision)
     env = {"WANDB_MODE": "disabled"}
     common = [
         f"paths.output_dir={runs_dir}",
@@ -273,6 +281,7 @@ def main(argv: list[str] | None = None) -> int:
         "trainer.enable_progress_bar=false",
         "trainer.enable_model_summary=false",
         f"trainer.log_every_n_steps={budget.log_every}",
+        f"trainer.precision={precision}",
     ]
 
     start = time.perf_counter()
@@ -342,14 +351,16 @@ def main(argv: list[str] | None = None) -> int:
             )
         # One name per arm whatever the invocation runs, so a study grown in steps sums its walls.
         launch(jobs, f"fine-tune, {arm} arm")
-        write_report(out_dir, runs, pretrain_dirs, phases, budget, command)
+        write_report(out_dir, runs, pretrain_dirs, phases, budget, command, precision=precision)
 
     total_cpu = sum(p["cpu"] for p in phases.values())
     pretraining = [p["wall"] for name, p in phases.items() if name.endswith(" pretraining")]
     others = [p["wall"] for name, p in phases.items() if not name.endswith(" pretraining")]
     # The pretrainings run side by side: the longest is their wall time.
     phases["total"] = {"wall": sum(others) + max(pretraining, default=0.0), "cpu": total_cpu}
-    readme = write_report(out_dir, runs, pretrain_dirs, phases, budget, command, trivial_baselines(runs))
+    readme = write_report(
+        out_dir, runs, pretrain_dirs, phases, budget, command, trivial_baselines(runs), precision
+    )
     print(f"\nStudy finished in {(time.perf_counter() - start) / 60:.1f} min: {readme}")
     failed = [f"{r.task}/{r.name}" for r in runs if not (r.run_dir / "metrics.csv").exists()]
     if failed:

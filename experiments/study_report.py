@@ -237,10 +237,12 @@ def write_report(
     budget,
     command: str,
     trivial: list[tuple[str, str, float]] | None = None,
+    precision: str = "32-true",
 ) -> Path:
     """Write ``out_dir/README.md``, ``curves.png``, ``pretrain_loss.png`` and ``<init>_reconstructions.png``
     (the last reconstruction picture of each pretraining in ``pretrain_dirs``: init -> run directory).
-    ``trivial``: (task, baseline, score on the same validation set) rows, shown under the table."""
+    ``trivial``: (task, baseline, score on the same validation set) rows, shown under the table;
+    ``precision``: every run's ``trainer.precision``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     plot_curves(runs, out_dir / "curves.png")
     names = {init: OBJECTIVES[init][0] for init in pretrain_dirs}
@@ -320,6 +322,8 @@ def write_report(
         f"{budget.labelled_images} of them labelled for fine-tuning, {budget.val_images} validation images",
         f"- model `{budget.model or 'vit_small'}` (`conf/model`) in every run; heads: "
         + ("`STUDY_HEADS` (`experiments/study.py`)" if budget.study_heads else "the demo presets'"),
+        f"- `trainer.precision={precision}` in every run (`--precision auto`: bf16 autocast where the CPU "
+        "multiplies bf16 natively, else fp32)",
         f"- pretraining: {budget.pretrain_steps} steps per objective",
         f"- fine-tuning: `experiment=<task>_demo` recipes, {budget.finetune_steps} steps of batch "
         f"{budget.finetune_batch}, validation every {budget.val_every} steps; only `task.init_from`, "
