@@ -6,8 +6,9 @@ should: pretraining on many unlabelled images, fine-tuning on a small labelled s
     python -m experiments.study --smoke    # a few steps of everything (the tests)
     python -m experiments.study --inits mae random   # without the self-distillation arm
 
-Without the self-distillation arm the default (the demo's 8-pixel ViT, all four tasks, 3 seeds) took 66
-minutes on 2 CPU cores (128 CPU-minutes) and ``--quick`` (seg and pose, fewer steps) 13 minutes; that arm
+Without the self-distillation arm the default (the demo's 8-pixel ViT, all four tasks, 3 seeds, bf16 where
+the CPU has it natively) took 45 minutes on 2 CPU cores (86 CPU-minutes) and ``--quick`` (seg and pose, fewer
+steps) 13 minutes in fp32; that arm
 adds a pretraining at about 2.9x MAE's CPU time per step (README, Benchmarks, demo shape), run beside MAE's,
 and half as many fine-tunes again.
 
