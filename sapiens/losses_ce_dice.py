@@ -5,7 +5,7 @@ on logits already resized to the label size. Autograd through the two terms walk
 probabilities about fifteen times (log-softmax, exp, square, their backward passes and the zero-filled
 gradient buffers) and keeps several such tensors alive: on the demo's seg step that was a third of the
 step. Here the forward keeps only the probabilities, and the backward is the closed form below, a few
-passes. ``tests/test_losses.py`` checks value and gradient against the two modules.
+passes. ``tests/test_ce_dice.py`` checks value and gradient against the two modules.
 
 With p = softmax(z) per pixel n, y_n its label, v_n = 1 for non-ignored pixels:
 - cross-entropy  L_ce = sum_n v_n w_{y_n} (-log p_{y_n}) / M,  M = all pixels (or the valid ones);
@@ -29,8 +29,9 @@ class _CrossEntropyDice(torch.autograd.Function):
     ):
         batch, classes = logits.shape[:2]
         flat = labels.flatten(1)
-        valid = (flat != ignore_index).to(logits.dtype)  # (B, N)
-        ids = torch.where(flat != ignore_index, flat, 0).long()  # (B, N)
+        kept = flat != ignore_index  # (B, N)
+        valid = kept.to(logits.dtype)
+        ids = torch.where(kept, flat, 0).long()  # (B, N)
         log_probs = logits.log_softmax(dim=1).flatten(2)  # (B, C, N)
         true_log_prob = log_probs.gather(1, ids[:, None]).squeeze(1)  # (B, N)
         pixel_weight = valid if class_weight is None else class_weight[ids] * valid

@@ -3,8 +3,12 @@
 import torch
 import torch.nn.functional as F
 
-import sapiens.models.attention as attention_module
-from sapiens.models.attention import CPU_BF16_EXPLICIT_MAX_TOKENS, attention, explicit_attention
+from sapiens.models.attention import (
+    CPU_BF16_EXPLICIT_MAX_TOKENS,
+    attention,
+    explicit_attention,
+    fused_attention,
+)
 from sapiens.models.vit import VisionTransformer
 
 
@@ -54,12 +58,11 @@ def test_vit_gradients_match_the_fused_kernel_under_bf16_autocast():
         return loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
 
     written_loss, written = loss_and_grads()
-    limit = attention_module.CPU_BF16_EXPLICIT_MAX_TOKENS
-    attention_module.CPU_BF16_EXPLICIT_MAX_TOKENS = 0
-    try:
+    with fused_attention():
         fused_loss, fused = loss_and_grads()
-    finally:
-        attention_module.CPU_BF16_EXPLICIT_MAX_TOKENS = limit
+        short = qkv(48, torch.bfloat16)
+        assert torch.equal(attention(*short), F.scaled_dot_product_attention(*short))
+    assert torch.equal(attention(*short), explicit_attention(*short))  # the limit is back
     assert torch.allclose(written_loss, fused_loss, rtol=0.02)
     for a, b in zip(written, fused, strict=True):
         assert (a - b).norm() <= 0.05 * b.norm() + 1e-6

@@ -111,12 +111,13 @@ def _saved_activation_bytes(model: torch.nn.Module, x: torch.Tensor) -> int:
 
 
 @pytest.fixture
-def fused_attention(monkeypatch):
+def fused_attention():
     """The memory model counts the fused attention kernels that GPU training uses (no (N, N) scores kept);
     on CPU in bf16 short sequences are written out instead (``sapiens.models.attention``)."""
-    import sapiens.models.attention as attention
+    from sapiens.models.attention import fused_attention
 
-    monkeypatch.setattr(attention, "CPU_BF16_EXPLICIT_MAX_TOKENS", 0)
+    with fused_attention():
+        yield
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])

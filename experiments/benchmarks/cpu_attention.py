@@ -13,15 +13,13 @@ Two tables, forward + backward, best of ``--rounds`` rounds that take turns:
 from __future__ import annotations
 
 import argparse
-import time
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
-import sapiens.models.attention as attention_module
-from experiments.benchmarks._common import load_backbone_shape
-from sapiens.models.attention import explicit_attention
+from experiments.benchmarks._common import load_backbone_shape, time_steps
+from sapiens.models.attention import CPU_BF16_EXPLICIT_MAX_TOKENS, explicit_attention, fused_attention
 from sapiens.models.heads import HeatmapHead
 from sapiens.models.mae import MaskedAutoencoder
 from sapiens.models.vit import VisionTransformer
@@ -34,10 +32,7 @@ def best_ms(steps: dict[str, Callable[[], None]], repeats: int, rounds: int) -> 
     best = dict.fromkeys(steps, float("inf"))
     for _ in range(rounds):
         for name, step in steps.items():
-            start = time.perf_counter()
-            for _ in range(repeats):
-                step()
-            best[name] = min(best[name], (time.perf_counter() - start) / repeats * 1e3)
+            best[name] = min(best[name], time_steps(step, repeats, 0, torch.device("cpu")) * 1e3)
     return best
 
 
@@ -108,15 +103,11 @@ def model_steps(args: argparse.Namespace) -> dict[str, Callable[[], None]]:
 
 def model_table(args: argparse.Namespace) -> str:
     rows = ["| step (bf16 autocast) | fused, ms | as chosen, ms | fused / chosen |", "|---|---|---|---|"]
-    chosen_limit = attention_module.CPU_BF16_EXPLICIT_MAX_TOKENS
     for name, step in model_steps(args).items():
 
         def fused(step=step) -> None:
-            attention_module.CPU_BF16_EXPLICIT_MAX_TOKENS = 0  # every call takes the fused kernel
-            try:
+            with fused_attention():
                 step()
-            finally:
-                attention_module.CPU_BF16_EXPLICIT_MAX_TOKENS = chosen_limit
 
         ms = best_ms({"fused": fused, "chosen": step}, args.repeats, args.rounds)
         rows.append(f"| {name} | {ms['fused']:.1f} | {ms['chosen']:.1f} | {ms['fused'] / ms['chosen']:.2f} |")
@@ -139,8 +130,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads (the demo's fine-tunes: 1)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    limit = attention_module.CPU_BF16_EXPLICIT_MAX_TOKENS
-    print(f"{args.threads} thread(s); written out on CPU in bf16 up to {limit} tokens\n")
+    print(
+        f"{args.threads} thread(s); written out on CPU in bf16 up to {CPU_BF16_EXPLICIT_MAX_TOKENS} tokens\n"
+    )
     print(f"Attention alone, forward + backward, {args.heads} heads of {args.head_dim}:\n")
     print(kernel_table(args))
     patch = f", patch {args.patch_size}" if args.patch_size else ""

@@ -9,6 +9,9 @@ attention is written out. It is the same function, softmax(q k^T / sqrt(hd)) v, 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 
@@ -31,3 +34,15 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
     if q.device.type == "cpu" and q.dtype == torch.bfloat16 and k.shape[-2] <= CPU_BF16_EXPLICIT_MAX_TOKENS:
         return explicit_attention(q, k, v)
     return F.scaled_dot_product_attention(q, k, v)
+
+
+@contextmanager
+def fused_attention() -> Iterator[None]:
+    """Within the block every :func:`attention` call takes the fused kernel, on CPU in bf16 too (to compare
+    the two, or to measure what GPU training keeps). Not thread-safe: it sets a module-level limit."""
+    global CPU_BF16_EXPLICIT_MAX_TOKENS
+    limit, CPU_BF16_EXPLICIT_MAX_TOKENS = CPU_BF16_EXPLICIT_MAX_TOKENS, 0
+    try:
+        yield
+    finally:
+        CPU_BF16_EXPLICIT_MAX_TOKENS = limit
