@@ -260,6 +260,8 @@ def write_report(
     pretrained = [OBJECTIVES[i][0] for i in pretrain_dirs]
     versus_mae = {"mae", "distill"} <= set(pretrain_dirs)
     h, w = budget.generator_size
+    full, frozen = budget.steps("full"), budget.steps("frozen")
+    arm_steps = f"{full} steps" if full == frozen else f"{full} steps (the frozen arm {frozen})"
     lines = [
         f"# Pretraining ({'; '.join(pretrained)}) vs random initialisation on SynthHumans "
         "(laptop-scale study)",
@@ -325,9 +327,9 @@ def write_report(
         f"- `trainer.precision={precision}` in every run (`--precision auto`: bf16 autocast where the CPU "
         "multiplies bf16 natively, else fp32)",
         f"- pretraining: {budget.pretrain_steps} steps per objective",
-        f"- fine-tuning: `experiment=<task>_demo` recipes, {budget.finetune_steps} steps of batch "
-        f"{budget.finetune_batch}, validation every {budget.val_every} steps; only `task.init_from`, "
-        "`task.freeze_backbone` and `seed` differ between runs",
+        f"- fine-tuning: `experiment=<task>_demo` recipes, {arm_steps} of batch {budget.finetune_batch}, "
+        f"validation every {budget.val_every} steps; only `task.init_from`, `task.freeze_backbone`, `seed` "
+        "and the arm's steps differ between runs",
         "",
         "## Per seed",
         "",

@@ -272,6 +272,10 @@ def test_report_of_synthetic_metrics_compares_each_pretraining_with_random_and_d
         "| distill | MAE + self-distillation | `experiment=pretrain_distill_demo` | 3 | 0.5625 "
         "| 6.000 nats, 0.1250 |" in pretraining
     )
+    assert "- fine-tuning: `experiment=<task>_demo` recipes, 2 steps of batch 4," in readme
+    longer_probes = replace(SMOKE, frozen_steps=5)
+    readme = write_report(tmp_path / "out", runs, pretrain_dirs, {}, longer_probes, "cmd").read_text()
+    assert "recipes, 2 steps (the frozen arm 5) of batch 4," in readme
     for name in ("mae_reconstructions.png", "distill_reconstructions.png", "pretrain_loss.png", "curves.png"):
         assert (tmp_path / "out" / name).read_bytes()[:4] == b"\x89PNG"
         assert f"({name})" in readme
@@ -312,6 +316,15 @@ def test_default_and_quick_use_the_demo_recipe_and_study_heads_pin_the_16_pixel_
         assert not [o for o in args if o.startswith("task.task_head.")]
         assert f"trainer.max_steps={budget.finetune_steps}" in args
     assert QUICK.finetune_steps < DEFAULT.finetune_steps and set(QUICK.tasks) == {"seg", "pose"}
+    # The default's probes train longer than its full fine-tunes; --quick runs both arms alike.
+    frozen = StudyRun("seg", "frozen", "mae", 0, tmp_path / "seg" / "frozen_mae_s0")
+    frozen_args = finetune_args(DEFAULT, data, frozen, None)
+    assert (
+        f"trainer.max_steps={DEFAULT.frozen_steps}" in frozen_args
+        and "task.freeze_backbone=true" in frozen_args
+    )
+    assert DEFAULT.steps("frozen") > DEFAULT.steps("full") == DEFAULT.finetune_steps
+    assert QUICK.steps("frozen") == QUICK.steps("full") == QUICK.finetune_steps
     patch16 = replace(QUICK, model="vit_small", study_heads=True)  # --model vit_small --heads study
     pinned = finetune_args(patch16, data, run, tmp_path / "last.ckpt")
     assert "model=vit_small" in pinned
