@@ -8,7 +8,7 @@ should: pretraining on many unlabelled images, fine-tuning on a small labelled s
 
 Without the self-distillation arm the default (the demo's 8-pixel ViT, all four tasks, 3 seeds, bf16 where
 the CPU has it natively) took 52 minutes on 2 CPU cores (101 CPU-minutes) and ``--quick`` (seg and pose, fewer
-steps) 13 minutes in fp32; that arm
+steps) 12 minutes; that arm
 adds a pretraining at about 2.9x MAE's CPU time per step (README, Benchmarks, demo shape), run beside MAE's,
 and half as many fine-tunes again.
 
