@@ -23,6 +23,7 @@ from sapiens.memory_model import (
     main,
     zero_state_memory,
 )
+from sapiens.models.attention import fused_attention
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -111,17 +112,15 @@ def _saved_activation_bytes(model: torch.nn.Module, x: torch.Tensor) -> int:
 
 
 @pytest.fixture
-def fused_attention():
+def fused_kernel():
     """The memory model counts the fused attention kernels that GPU training uses (no (N, N) scores kept);
     on CPU in bf16 short sequences are written out instead (``sapiens.models.attention``)."""
-    from sapiens.models.attention import fused_attention
-
     with fused_attention():
         yield
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])
-def test_activation_formula_matches_autograd(checkpointing, fused_attention):
+def test_activation_formula_matches_autograd(checkpointing, fused_kernel):
     vit = pytest.importorskip("sapiens.models.vit", reason="backbone module not available")
     shape = VitShape("tiny", 64, 3, 4)
     height, width, batch = 64, 48, 2
@@ -158,7 +157,7 @@ def test_cli_prints_a_table_per_size(capsys):
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])
-def test_sapiens2_activation_formula_matches_autograd(checkpointing, fused_attention):
+def test_sapiens2_activation_formula_matches_autograd(checkpointing, fused_kernel):
     """Sapiens2 (grouped blocks in the middle, RoPE, 9 prefix tokens): formula == autograd's saved bytes."""
     from sapiens.models.sapiens2 import Sapiens2
 
